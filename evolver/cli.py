@@ -1,0 +1,57 @@
+"""`munet evolve`: run evolver workers (registered into the `munet` command)."""
+from __future__ import annotations
+
+import json
+
+from munet import cli
+
+from .config import PRESETS, default_config
+
+
+def cmd_evolve(ctx: "cli.Context") -> int:
+    a = ctx.args
+    system = ctx.system()
+    cfg = PRESETS[a.preset]() if a.preset else default_config()
+    changes = {k: v for k, v in {"base": a.base, "seed": a.seed, "generations": a.generations,
+                                 "candidates": a.candidates, "max_epochs": a.max_epochs,
+                                 "threads": a.threads}.items() if v is not None}
+    if a.device:
+        changes["device"] = a.device
+    cfg = cfg.replace(**changes)
+    names = a.task or None
+    if names:
+        known = {t["name"] for t in system.tasks_json()}
+        missing = [n for n in names if n not in known]
+        if missing:
+            raise cli.CliError(f"no task named {missing[0]!r}")
+    from .worker import run_workers
+
+    summaries = run_workers(system, cfg, a.workers, nice=a.nice, metrics_port=a.metrics_port, names=names,
+                            iterations=None if a.forever else a.iterations, progress=not ctx.json)
+    if ctx.json:
+        ctx.print_json(summaries or [])
+    return 0 if not any(s.get("error") for s in summaries or []) else 1
+
+
+def register(subparsers) -> None:
+    p = cli.add_command(subparsers, "evolve", cmd_evolve,
+                        "evolve tasks with muNet: claim a task, run one visit, commit the winner, repeat",
+                        json_flag=True)
+    p.add_argument("--task", action="append", metavar="NAME", help="only these tasks (repeatable; default all)")
+    p.add_argument("--iterations", type=int, default=1, metavar="N", help="visits per task in this run (default 1)")
+    p.add_argument("--forever", action="store_true", help="keep visiting tasks, and wake up for new ones")
+    p.add_argument("--workers", type=int, default=1, metavar="N", help="worker processes on this machine (default 1)")
+    p.add_argument("--preset", choices=sorted(PRESETS), help="cpu (DESIGN.md) or munet (MUNET.md); default: cpu without CUDA")
+    p.add_argument("--base", type=float, help="size pressure: score = accuracy x base^(params/root params); default 1.0")
+    p.add_argument("--generations", type=int, metavar="G", help="generations per visit")
+    p.add_argument("--candidates", type=int, metavar="C", help="candidates per generation")
+    p.add_argument("--max-epochs", type=float, metavar="E", help="passes over the training split per candidate")
+    p.add_argument("--threads", type=int, help="torch threads per worker (default: cores / workers)")
+    p.add_argument("--device", help="cpu or cuda (default: cuda when available)")
+    p.add_argument("--seed", type=int)
+    p.add_argument("--nice", type=int, default=10, help="lower the workers' priority so a server on the same machine stays fast (default 10)")
+    p.add_argument("--metrics-port", type=int, metavar="PORT", help="serve Prometheus metrics of this evolver")
+    cli.EXAMPLES.extend([
+        ("munet evolve --iterations 1", "one visit of every task with the cpu preset"),
+        ("munet evolve --forever --workers 2", "keep improving all tasks, picking up new ones"),
+    ])

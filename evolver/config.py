@@ -1,0 +1,91 @@
+"""Every constant of the muNet method as one plain config object (MUNET.md defaults), and
+the `cpu` preset of DESIGN.md for machines without CUDA."""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+
+import torch
+
+# Ordered value lists of the auto-tuned hyperparameters (MUNET.md §3); mutations move ±1 index.
+VALUES = {
+    "lr": [1e-4, 2e-4, 5e-4, 1e-3, 2e-3, 5e-3, 0.01, 0.02, 0.05, 0.1],
+    "schedule": ["constant", "cosine", "restarts"],
+    "warmup": [0.01, 0.02, 0.05, 0.1, 0.2, 0.3, 0.4],
+    "momentum": [0.0, 0.2, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99],
+    "nesterov": [True, False],
+    "adapter_width": [8, 16, 32, 64, 128],
+    "image_size": list(range(16, 385, 16)),
+    "crop_area_min": [0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0],
+    "crop_aspect_min": [0.25, 0.5, 0.75, 1.0],
+    "hflip": [True, False],
+    "brightness": [0.0, 0.01, 0.02, 0.05, 0.1, 0.2],
+    "contrast": [0.0, 0.01, 0.02, 0.05, 0.1, 0.2],
+    "saturation": [0.0, 0.01, 0.02, 0.05, 0.1, 0.2],
+    "hue": [0.0, 0.01, 0.02, 0.05, 0.1, 0.2],
+    "bn_train": [False, True],  # MUNET.md §7: whether cloned BatchNorms update statistics
+}
+OPT_KEYS = ("lr", "schedule", "warmup", "momentum", "nesterov")
+AUG_KEYS = ("crop_area_min", "crop_aspect_min", "hflip", "brightness", "contrast", "saturation", "hue")
+# Per-action mutation probabilities of µ2Net+; "clone" is per block position.
+ACTIONS = ("hparam", "remove", "readd", "adapter", "clone", "input")
+
+
+@dataclass
+class EvolverConfig:
+    generations: int = 8
+    candidates: int = 8
+    mu: float = 0.1
+    evolve_mu: bool = True  # µ2Net+: per-path, per-action µ, meta-mutated in mu_range
+    mu_range: tuple[float, float] = (0.02, 0.30)
+    # Clone probability ramps from mu_bottom at block 0 to mu (top); DESIGN.md cpu preset.
+    mu_bottom: float = 0.1
+    intervals: int = 30
+    batches_per_interval: int = 200
+    batch_size: int = 256
+    max_epochs: float | None = None  # cap on passes over the training split per candidate
+    eval_batch_size: int = 512
+    grad_clip: float = 1.0
+    base: float = 1.0  # score = acc * base ** (accounted_params / root_params)
+    flops_base: float = 1.0  # µ2Net+ compute factor; 1.0 switches it off
+    min_improvement: float = 0.0
+    val_fraction: float = 0.1
+    seed_phase: bool = True
+    inherit_momentum: bool = True
+    image_sizes: list[int] = field(default_factory=lambda: list(VALUES["image_size"]))
+    defaults: dict = field(default_factory=lambda: {
+        "lr": 0.01, "schedule": "cosine", "warmup": 0.1, "momentum": 0.9, "nesterov": False,
+        "adapter_width": 32, "image_size": 224, "crop_area_min": 0.05, "crop_aspect_min": 0.75,
+        "hflip": True, "brightness": 0.0, "contrast": 0.0, "saturation": 0.0, "hue": 0.0, "bn_train": False,
+    })
+    prefix_cache_bytes: int = 3 * 1024**3
+    threads: int | None = None
+    device: str = "cpu"
+    seed: int = 0
+
+    def replace(self, **changes) -> "EvolverConfig":
+        return dataclasses.replace(self, **changes)
+
+    def to_json(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def munet_preset() -> EvolverConfig:
+    """MUNET.md's defaults (the paper's GPU/TPU budget)."""
+    return EvolverConfig(device="cuda" if torch.cuda.is_available() else "cpu")
+
+
+def cpu_preset() -> EvolverConfig:
+    """DESIGN.md: 4 generations x 4 candidates, at most 2 epochs, 32-96 px, default 64 px,
+    random augmentation off (so the prefix cache applies) but reachable by mutation."""
+    cfg = EvolverConfig(generations=4, candidates=4, intervals=2, batches_per_interval=10**9, batch_size=64,
+                        max_epochs=2.0, min_improvement=0.002, image_sizes=[32, 48, 64, 80, 96], mu_bottom=0.02)
+    cfg.defaults.update({"image_size": 64, "crop_area_min": 1.0, "hflip": False})
+    return cfg
+
+
+PRESETS = {"cpu": cpu_preset, "munet": munet_preset}
+
+
+def default_config() -> EvolverConfig:
+    return munet_preset() if torch.cuda.is_available() else cpu_preset()

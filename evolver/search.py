@@ -1,0 +1,220 @@
+"""The muNet search, as pure functions over plain data: initial hyperparameters,
+mutations (MUNET.md §3), µ2Net+ meta-mutation, parent selection (§5.3) and scoring (§4).
+
+Nothing here touches torch or SQL, so every rule is testable in isolation.
+"""
+from __future__ import annotations
+
+import copy
+import math
+import random
+from dataclasses import dataclass, field
+
+from .config import ACTIONS, AUG_KEYS, OPT_KEYS, VALUES, EvolverConfig
+
+
+def initial_hparams(cfg: EvolverConfig, root_config: dict, num_classes: int) -> dict:
+    d = cfg.defaults
+    size = d["image_size"]
+    if root_config["family"] == "vit":  # a ViT's sizes must be multiples of its patch
+        size = max(root_config["patch_size"], size - size % root_config["patch_size"])
+    return {
+        "arch": {"blocks": list(range(root_config["depth"])), "adapters": {}, "image_size": size, "num_classes": num_classes},
+        "opt": {k: d[k] for k in OPT_KEYS},
+        "aug": {k: d[k] for k in AUG_KEYS},
+        "bn_train": d["bn_train"],
+        "adapter_width": d["adapter_width"],
+        "mu": initial_mu(cfg, root_config["depth"]),
+    }
+
+
+def initial_mu(cfg: EvolverConfig, depth: int) -> dict:
+    # Bottom blocks are general features: cloning them or adapting them rarely pays and makes
+    # the whole network above trainable, so their probabilities start low and evolve.
+    mu = {a: cfg.mu for a in ACTIONS if a not in ("clone", "adapter")}
+    ramp = [round(cfg.mu_bottom + (cfg.mu - cfg.mu_bottom) * i / max(1, depth - 1), 4) for i in range(depth)]
+    mu["clone"], mu["adapter"] = ramp, list(ramp)
+    return mu
+
+
+def step(values: list, current, rng: random.Random):
+    """Move to a neighbouring value (±1 index, clamped) of an ordered list."""
+    i = min(range(len(values)), key=lambda j: _distance(values[j], current))
+    j = min(max(i + rng.choice((-1, 1)), 0), len(values) - 1)
+    return values[j]
+
+
+def _distance(a, b) -> float:
+    if isinstance(a, (bool, str)) or isinstance(b, (bool, str)):
+        return 0.0 if a == b else 1.0
+    return abs(math.log(a + 1e-6) - math.log(b + 1e-6)) if a > 0 and b > 0 else abs(a - b)
+
+
+def prob(hp: dict, action: str, cfg: EvolverConfig, index: int | None = None) -> float:
+    mu = hp.get("mu") or {}
+    value = mu.get(action, cfg.mu)
+    if isinstance(value, list):
+        return value[index] if index is not None and index < len(value) else cfg.mu
+    return value
+
+
+def mutate_mu(hp: dict, cfg: EvolverConfig, rng: random.Random, log: list[str]) -> None:
+    """µ2Net+: each action's probability is itself inherited and meta-mutated."""
+    if not cfg.evolve_mu:
+        return
+    lo, hi = cfg.mu_range
+    mu = hp["mu"]
+    for action, value in mu.items():
+        if isinstance(value, list):
+            mu[action] = [_meta(v, lo, hi, rng) for v in value]
+        else:
+            mu[action] = _meta(value, lo, hi, rng)
+    log.append("mu")
+
+
+def _meta(v: float, lo: float, hi: float, rng: random.Random) -> float:
+    # Multiplicative step so small probabilities can still grow; clamped to MUNET.md's range.
+    return round(min(hi, max(lo, v * rng.choice((0.8, 1.25)))), 4)
+
+
+def mutate(parent_hp: dict, cfg: EvolverConfig, root_config: dict, rng: random.Random) -> tuple[dict, list[str], set[int]]:
+    """A mutated copy of `parent_hp`, the names of the mutations applied, and the block
+    positions the child must clone (layer-cloning mutation)."""
+    hp = copy.deepcopy(parent_hp)
+    log: list[str] = []
+    mutate_mu(hp, cfg, rng, log)
+    for key in OPT_KEYS:
+        if rng.random() < prob(hp, "hparam", cfg):
+            old = hp["opt"][key]
+            hp["opt"][key] = step(VALUES[key], old, rng)
+            if hp["opt"][key] != old:
+                log.append(f"{key}:{old}->{hp['opt'][key]}")
+    for key in ("adapter_width", "bn_train"):
+        if rng.random() < prob(hp, "hparam", cfg):
+            old = hp[key]
+            hp[key] = step(VALUES[key], old, rng)
+            if hp[key] != old:
+                log.append(f"{key}:{old}->{hp[key]}")
+    _mutate_depth(hp, root_config, cfg, rng, log)
+    _mutate_adapters(hp, cfg, rng, log)
+    clones = {i for i in hp["arch"]["blocks"] if rng.random() < prob(hp, "clone", cfg, i)}
+    log += [f"clone:{i}" for i in sorted(clones)]
+    return hp, log, clones
+
+
+def _mutate_depth(hp: dict, root_config: dict, cfg: EvolverConfig, rng: random.Random, log: list[str]) -> None:
+    blocks = hp["arch"]["blocks"]
+    depth = root_config["depth"]
+    if root_config["family"] == "vit":
+        # ViT: the number of blocks used, dropping or re-adding at the top.
+        if rng.random() < prob(hp, "remove", cfg) and len(blocks) > 1:
+            log.append(f"remove:{blocks.pop()}")
+        elif rng.random() < prob(hp, "readd", cfg) and len(blocks) < depth:
+            blocks.append(len(blocks))
+            log.append(f"readd:{blocks[-1]}")
+        return
+    # CNN: only residual (shape-preserving) blocks can go (DESIGN.md Decisions).
+    present = [i for i in root_config["removable"] if i in blocks]
+    absent = [i for i in root_config["removable"] if i not in blocks]
+    if present and rng.random() < prob(hp, "remove", cfg):
+        i = rng.choice(present)
+        blocks.remove(i)
+        log.append(f"remove:{i}")
+    elif absent and rng.random() < prob(hp, "readd", cfg):
+        i = rng.choice(absent)
+        blocks.append(i)
+        blocks.sort()
+        log.append(f"readd:{i}")
+    for i in list(hp["arch"]["adapters"]):
+        if int(i) not in blocks:
+            del hp["arch"]["adapters"][i]
+
+
+def _mutate_adapters(hp: dict, cfg: EvolverConfig, rng: random.Random, log: list[str]) -> None:
+    adapters = hp["arch"]["adapters"]
+    for i in hp["arch"]["blocks"]:
+        if str(i) not in adapters and rng.random() < prob(hp, "adapter", cfg, i):
+            adapters[str(i)] = hp["adapter_width"]
+            log.append(f"adapter:{i}/w{hp['adapter_width']}")
+
+
+def mutate_inputs(best_hp: dict, cfg: EvolverConfig, root_config: dict, rng: random.Random) -> tuple[dict, list[str]]:
+    """Input settings (image size, augmentation) drawn once per generation from the task's
+    current best path, mutated, and shared by all of the generation's candidates."""
+    arch, aug = best_hp["arch"], dict(best_hp["aug"])
+    log: list[str] = []
+    p = prob(best_hp, "input", cfg)
+    sizes = allowed_sizes(cfg, root_config)
+    size = arch["image_size"]
+    if rng.random() < p:
+        new = step(sizes, size, rng)
+        if new != size:
+            log.append(f"image_size:{size}->{new}")
+            size = new
+    for key in AUG_KEYS:
+        if rng.random() < p:
+            old = aug[key]
+            aug[key] = step(VALUES[key], old, rng)
+            if aug[key] != old:
+                log.append(f"{key}:{old}->{aug[key]}")
+    return {"image_size": size, "aug": aug}, log
+
+
+def allowed_sizes(cfg: EvolverConfig, root_config: dict) -> list[int]:
+    sizes = list(cfg.image_sizes)
+    if root_config["family"] == "vit":
+        sizes = [s for s in sizes if s % root_config["patch_size"] == 0] or [root_config["image_size"]]
+    return sizes
+
+
+def apply_inputs(hp: dict, inputs: dict) -> dict:
+    hp = copy.deepcopy(hp)
+    hp["arch"]["image_size"] = inputs["image_size"]
+    hp["aug"] = dict(inputs["aug"])
+    return hp
+
+
+def augments(hp: dict) -> bool:
+    """Whether training inputs are random (then no activation can be cached)."""
+    a = hp["aug"]
+    # crop_area_min 1.0 means no random crop at all, whatever the aspect bound says.
+    return a["crop_area_min"] < 1.0 or a["hflip"] or any(a[k] > 0 for k in ("brightness", "contrast", "saturation", "hue"))
+
+
+# -- selection and scoring --------------------------------------------------------------
+
+@dataclass
+class Member:
+    """A path of this task's population during a visit."""
+
+    key: str
+    hparams: dict
+    score: float
+    val_acc: float
+    children: int = 0
+    payload: object = field(default=None, repr=False)
+
+
+def select_parent(population: list[Member], seeds: list[Member], rng: random.Random) -> Member:
+    """MUNET.md §5.3: accept paths best-first with probability 0.5^children; else uniform."""
+    for member in sorted(population, key=lambda m: m.score, reverse=True):
+        if rng.random() < 0.5 ** member.children:
+            return member
+    return rng.choice(seeds + population)
+
+
+def accounted_params(component_params: dict[str, int], users: dict[str, set[str]], task: str) -> float:
+    """Σ |c| / (tasks whose live path uses c), counting this task's candidate as live."""
+    total = 0.0
+    for cid, n in component_params.items():
+        sharers = set(users.get(cid, ())) | {task}
+        total += n / len(sharers)
+    return total
+
+
+def score(val_acc: float, accounted: float, root_params: int, cfg: EvolverConfig,
+          flops: float | None = None, root_flops: float | None = None) -> float:
+    s = val_acc * cfg.base ** (accounted / root_params)
+    if cfg.flops_base != 1.0 and flops and root_flops:
+        s *= cfg.flops_base ** (flops / root_flops)
+    return s

@@ -1,0 +1,327 @@
+"""Training and evaluating one candidate path (MUNET.md §3-5; DESIGN.md cpu preset).
+
+SGD with momentum, clipping at global norm 1.0, cross-entropy, three LR schedules,
+validation after each interval with best-snapshot keeping. Frozen components run in eval
+mode and never receive gradients; the frozen prefix's activations are computed once and
+reused across epochs and candidates (a bounded cache) when inputs are not random.
+"""
+from __future__ import annotations
+
+import copy
+import math
+import time
+import zlib
+from collections import OrderedDict
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+import torchvision.transforms.v2 as T
+from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
+
+from munet.models import preprocess
+
+from .config import EvolverConfig
+from .search import augments
+
+
+# -- data -------------------------------------------------------------------------------
+
+def split_indices(y: np.ndarray, val_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Stratified, seeded train/validation split: the same task always gets the same split."""
+    rng = np.random.RandomState(seed)
+    train, val = [], []
+    for label in np.unique(y):
+        idx = np.flatnonzero(y == label)
+        rng.shuffle(idx)
+        n_val = int(round(len(idx) * val_fraction)) if len(idx) > 1 else 0
+        val.append(idx[:n_val])
+        train.append(idx[n_val:])
+    return np.sort(np.concatenate(train)), np.sort(np.concatenate(val))
+
+
+@dataclass
+class TaskData:
+    name: str
+    classes: list[str]
+    x: dict[str, torch.Tensor]  # split -> uint8 [N, H, W, C]
+    y: dict[str, torch.Tensor]  # split -> int64 [N]
+    mean: tuple
+    std: tuple
+
+    @classmethod
+    def from_arrays(cls, name: str, arrays: dict, val_fraction: float, seed: int, mean, std) -> "TaskData":
+        y_train = np.asarray(arrays["y_train"]).astype(np.int64)
+        tr, va = split_indices(y_train, val_fraction, seed)
+        x_train = _nhwc(arrays["x_train"])
+        x = {"train": x_train[tr], "val": x_train[va], "test": _nhwc(arrays["x_test"])}
+        y = {"train": y_train[tr], "val": y_train[va], "test": np.asarray(arrays["y_test"]).astype(np.int64)}
+        return cls(name, [str(c) for c in arrays["classes"]], {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in x.items()},
+                   {k: torch.from_numpy(v) for k, v in y.items()}, tuple(mean), tuple(std))
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+
+def _nhwc(x: np.ndarray) -> np.ndarray:
+    return x[..., None] if x.ndim == 3 else x
+
+
+# -- prefix cache -----------------------------------------------------------------------
+
+class PrefixCache:
+    """LRU of frozen-prefix activations keyed by (prefix component ids, image size, split)."""
+
+    def __init__(self, max_bytes: int):
+        self.max_bytes = max_bytes
+        self.entries: OrderedDict[tuple, torch.Tensor] = OrderedDict()
+        self.bytes = 0
+        self.hits = self.misses = 0
+
+    def get(self, key: tuple) -> torch.Tensor | None:
+        value = self.entries.get(key)
+        if value is None:
+            self.misses += 1
+            return None
+        self.hits += 1
+        self.entries.move_to_end(key)
+        return value
+
+    def put(self, key: tuple, value: torch.Tensor) -> None:
+        size = value.numel() * value.element_size()
+        if size > self.max_bytes:
+            return
+        while self.bytes + size > self.max_bytes and self.entries:
+            _, old = self.entries.popitem(last=False)
+            self.bytes -= old.numel() * old.element_size()
+        self.entries[key] = value
+        self.bytes += size
+
+
+@torch.no_grad()
+def run_frozen(modules: list[nn.Module], x: torch.Tensor, image_size: int, mean, std, batch: int, device: str) -> torch.Tensor:
+    """uint8 images through preprocessing and frozen modules, in batches, on `device`."""
+    outs = []
+    for i in range(0, len(x), batch):
+        h = preprocess(x[i:i + batch], image_size, mean, std).to(device)
+        for m in modules:
+            h = m(h)
+        outs.append(h)
+    return torch.cat(outs) if outs else torch.empty(0)
+
+
+def prefix_activations(cache: PrefixCache | None, ids: list[str], modules: list[nn.Module], data: TaskData,
+                       split: str, image_size: int, cfg: EvolverConfig) -> torch.Tensor:
+    key = (tuple(ids), image_size, data.name, split)
+    hit = cache.get(key) if cache is not None else None
+    if hit is not None:
+        return hit
+    value = run_frozen(modules, data.x[split], image_size, data.mean, data.std, cfg.eval_batch_size, cfg.device)
+    if cache is not None:
+        cache.put(key, value)
+    return value
+
+
+# -- training ---------------------------------------------------------------------------
+
+@dataclass
+class Candidate:
+    """A child path ready to train: one module per component, and which ones are trainable."""
+
+    ids: list[str]
+    names: list[str]
+    modules: list[nn.Module]
+    trainable: list[bool]
+    hparams: dict
+    momentum: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)  # component id -> param -> buffer
+
+    @property
+    def first_trainable(self) -> int:
+        return self.trainable.index(True)
+
+
+@dataclass
+class TrainResult:
+    val_acc: float
+    score: float
+    improved: bool
+    curve: list[dict]
+    examples: int
+    seconds: float
+    momentum: dict[str, dict[str, torch.Tensor]]
+
+
+def lr_at(step: int, total: int, steps_per_interval: int, opt: dict) -> float:
+    lr, schedule = opt["lr"], opt["schedule"]
+    if schedule == "constant":
+        return 0.5 * lr
+    if schedule == "restarts":
+        step, total = step % steps_per_interval, steps_per_interval
+    warm = max(1, int(total * opt["warmup"]))
+    if step < warm:
+        return lr / 100 + (lr - lr / 100) * step / warm
+    progress = (step - warm) / max(1, total - warm)
+    return 0.5 * lr * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+def set_modes(cand: Candidate, training: bool) -> None:
+    """Frozen components always eval; clones train, with BatchNorm statistics frozen
+    unless the path's bn_train says otherwise (MUNET.md §7)."""
+    for module, trainable in zip(cand.modules, cand.trainable):
+        module.train(training and trainable)
+        if training and trainable and not cand.hparams.get("bn_train", False):
+            for sub in module.modules():
+                if isinstance(sub, _BatchNorm):
+                    sub.eval()
+
+
+def augmenter(hp: dict, image_size: int) -> T.Compose:
+    a = hp["aug"]
+    steps: list = []
+    if a["crop_area_min"] < 1.0:
+        ratio = (a["crop_aspect_min"], 1.0 / a["crop_aspect_min"])
+        steps.append(T.RandomResizedCrop(image_size, scale=(a["crop_area_min"], 1.0), ratio=ratio, antialias=True))
+    if a["hflip"]:
+        steps.append(T.RandomHorizontalFlip())
+    if any(a[k] > 0 for k in ("brightness", "contrast", "saturation", "hue")):
+        steps.append(T.ColorJitter(a["brightness"], a["contrast"], a["saturation"], min(0.5, a["hue"])))
+    return T.Compose(steps)
+
+
+def _augmented_batch(x: torch.Tensor, aug: T.Compose, image_size: int) -> torch.Tensor:
+    """Per-image random transforms on uint8 NHWC, back to a uniform uint8 NHWC batch."""
+    out = []
+    for img in x.permute(0, 3, 1, 2):
+        if img.shape[0] == 1:
+            img = img.expand(3, -1, -1)
+        img = aug(img)
+        if img.shape[-1] != image_size or img.shape[-2] != image_size:
+            img = T.functional.resize(img, [image_size, image_size], antialias=True)
+        out.append(img)
+    return torch.stack(out).permute(0, 2, 3, 1).contiguous()
+
+
+def _forward(modules: list[nn.Module], h: torch.Tensor) -> torch.Tensor:
+    for m in modules:
+        h = m(h)
+    return h
+
+
+@torch.no_grad()
+def accuracy(modules: list[nn.Module], h: torch.Tensor, y: torch.Tensor, batch: int) -> float:
+    if len(y) == 0:
+        return 0.0
+    correct = 0
+    for i in range(0, len(h), batch):
+        correct += int((_forward(modules, h[i:i + batch]).argmax(1).cpu() == y[i:i + batch]).sum())
+    return correct / len(y)
+
+
+def train_candidate(cand: Candidate, data: TaskData, cfg: EvolverConfig, cache: PrefixCache | None,
+                    score_factor: float, start_score: float, progress=None) -> TrainResult:
+    """Train in place; on return the modules hold the best snapshot (if any beat start_score)."""
+    t0 = time.perf_counter()
+    hp, size, device = cand.hparams, cand.hparams["arch"]["image_size"], cfg.device
+    k = cand.first_trainable
+    prefix_ids, prefix, suffix = cand.ids[:k], cand.modules[:k], cand.modules[k:]
+    for m in cand.modules:
+        m.to(device)
+    set_modes(cand, training=False)
+    random_inputs = augments(hp)
+    h_val = prefix_activations(cache, prefix_ids, prefix, data, "val", size, cfg)
+    h_train = None if random_inputs else prefix_activations(cache, prefix_ids, prefix, data, "train", size, cfg)
+    aug = augmenter(hp, size) if random_inputs else None
+
+    params = {f"{i}.{n}": p for i, (m, t) in enumerate(zip(cand.modules, cand.trainable)) if t
+              for n, p in m.named_parameters()}
+    for p in params.values():
+        p.requires_grad_(True)
+    opt = torch.optim.SGD(list(params.values()), lr=hp["opt"]["lr"], momentum=hp["opt"]["momentum"],
+                          nesterov=hp["opt"]["nesterov"] and hp["opt"]["momentum"] > 0)
+    _inherit_momentum(cand, opt, cfg)
+
+    n = len(data.y["train"])
+    steps_per_interval = min(cfg.batches_per_interval, math.ceil(n / cfg.batch_size))
+    intervals = cfg.intervals
+    if cfg.max_epochs is not None:
+        intervals = max(1, min(intervals, int(cfg.max_epochs * n / (steps_per_interval * cfg.batch_size) + 1e-9)))
+    total = steps_per_interval * intervals
+    gen = torch.Generator().manual_seed(zlib.crc32(f"{cfg.seed}:{cand.ids}".encode()))
+    best, best_acc, best_state, curve, examples, step = start_score, None, None, [], 0, 0
+    y_train = data.y["train"]
+    order = torch.randperm(n, generator=gen)
+    cursor = 0
+    for interval in range(intervals):
+        set_modes(cand, training=True)
+        for _ in range(steps_per_interval):
+            if cursor >= n:
+                order, cursor = torch.randperm(n, generator=gen), 0
+            idx = order[cursor:cursor + cfg.batch_size]
+            cursor += len(idx)
+            if random_inputs:
+                xb = _augmented_batch(data.x["train"][idx], aug, size)
+                hb = run_frozen(prefix, xb, size, data.mean, data.std, len(idx), device)
+            else:
+                hb = h_train[idx.to(h_train.device)]
+            for g in opt.param_groups:
+                g["lr"] = lr_at(step, total, steps_per_interval, hp["opt"])
+            loss = F.cross_entropy(_forward(suffix, hb), y_train[idx].to(device))
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(list(params.values()), cfg.grad_clip)
+            opt.step()
+            step += 1
+            examples += len(idx)
+        set_modes(cand, training=False)
+        acc = accuracy(suffix, h_val, data.y["val"].to(h_val.device), cfg.eval_batch_size)
+        sc = acc * score_factor
+        curve.append({"interval": interval + 1, "val_acc": acc, "score": sc, "loss": loss.item()})
+        if progress is not None:
+            progress(curve[-1])
+        if sc > best:
+            best, best_acc = sc, acc
+            best_state = [copy.deepcopy(m.state_dict()) if t else None for m, t in zip(cand.modules, cand.trainable)]
+    for p in params.values():
+        p.requires_grad_(False)
+    if best_state is not None:
+        for m, state in zip(cand.modules, best_state):
+            if state is not None:
+                m.load_state_dict(state)
+    momentum = _momentum_of(cand, opt) if cfg.inherit_momentum else {}
+    improved = best_state is not None
+    return TrainResult(best_acc if improved else curve[-1]["val_acc"], best if improved else curve[-1]["score"],
+                       improved, curve, examples, time.perf_counter() - t0, momentum)
+
+
+def _inherit_momentum(cand: Candidate, opt: torch.optim.Optimizer, cfg: EvolverConfig) -> None:
+    """µ2Net: cloned components bring their parent's momentum buffers along."""
+    if not cfg.inherit_momentum or not cand.momentum:
+        return
+    for cid, module, trainable in zip(cand.ids, cand.modules, cand.trainable):
+        buffers = cand.momentum.get(cid)
+        if not trainable or not buffers:
+            continue
+        for name, p in module.named_parameters():
+            buf = buffers.get(name)
+            if buf is not None and buf.shape == p.shape:
+                opt.state[p]["momentum_buffer"] = buf.clone().to(p.device)
+
+
+def _momentum_of(cand: Candidate, opt: torch.optim.Optimizer) -> dict[str, dict[str, torch.Tensor]]:
+    out = {}
+    for cid, module, trainable in zip(cand.ids, cand.modules, cand.trainable):
+        if trainable:
+            out[cid] = {name: opt.state[p]["momentum_buffer"].detach().cpu()
+                        for name, p in module.named_parameters() if "momentum_buffer" in opt.state.get(p, {})}
+    return out
+
+
+@torch.no_grad()
+def logits(modules: list[nn.Module], x: torch.Tensor, image_size: int, mean, std, batch: int, device: str) -> torch.Tensor:
+    """The evaluator's logits for uint8 images (what the server's probe check compares against)."""
+    for m in modules:
+        m.eval()
+    return run_frozen(modules, x, image_size, mean, std, batch, device).float().cpu()

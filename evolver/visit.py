@@ -1,0 +1,358 @@
+"""One task iteration of muNet (MUNET.md §5): seeding, parent selection, mutation, child
+construction (§2), training, survival, and the commit of the visit's best path."""
+from __future__ import annotations
+
+import copy
+import logging
+import random
+import time
+from dataclasses import dataclass, field
+
+import torch
+from sqlalchemy import select
+from torch import nn
+from tqdm import tqdm
+
+from munet import models
+from munet.storage import commit as commit_mod
+from munet.storage import lineage, signals
+from munet.storage.schema import ROOT_LOCK, Candidate as CandidateRow, Component, PathComponent, PathRow, Root, Task, new_id
+
+from . import search
+from .config import EvolverConfig
+from .train import Candidate, PrefixCache, TaskData, logits, prefix_activations, accuracy, train_candidate
+
+log = logging.getLogger("munet.evolver")
+PROBE_SIZE = 8
+
+
+@dataclass
+class Slot:
+    """One component of a path under construction or in the population."""
+
+    id: str
+    name: str
+    meta: dict
+    module: nn.Module
+    committed: bool
+    locked: bool
+    origin: str | None  # nearest committed ancestor component (lineage parent)
+    same_task: bool = True
+
+
+@dataclass
+class Entry:
+    """A path known to the visit: committed (seed, live path) or trained in this visit."""
+
+    path_id: str
+    hparams: dict
+    slots: dict[str, Slot]
+    committed: bool
+    same_task: bool
+    parent: "Entry | None" = None
+    committed_path: str | None = None  # nearest committed path (itself when committed)
+    candidate: Candidate | None = None
+    val_acc: float = 0.0
+    score: float = float("-inf")
+    train_examples: int = 0
+    train_seconds: float = 0.0
+    momentum: dict = field(default_factory=dict)
+    candidate_row: int | None = None
+
+
+class Visit:
+    def __init__(self, system, task_name: str, cfg: EvolverConfig, *, cache: PrefixCache | None = None,
+                 modules: dict[str, nn.Module] | None = None, lease_token: int | None = None,
+                 visit_id: int | None = None, worker: str = "local", progress: bool = True,
+                 should_stop=lambda: False, on_candidate=None):
+        self.system, self.task_name, self.cfg = system, task_name, cfg
+        self.cache = cache if cache is not None else PrefixCache(cfg.prefix_cache_bytes)
+        self.modules = modules if modules is not None else {}
+        self.lease_token, self.visit_id, self.worker = lease_token, visit_id, worker
+        self.progress, self.should_stop, self.on_candidate = progress, should_stop, on_candidate
+        self.rng = random.Random(f"{cfg.seed}:{task_name}:{time.time_ns()}")
+        self.entries: dict[str, Entry] = {}
+        self.committed_live = False
+
+    # -- loading ------------------------------------------------------------------------
+    def _load(self) -> None:
+        sys_ = self.system
+        commit_mod.release_locks(sys_.Session, self.task_name)  # MUNET.md §5.1
+        with sys_.Session() as s:
+            task = s.scalar(select(Task).where(Task.name == self.task_name))
+            if task is None or task.status == "deleted":
+                raise KeyError(f"no task named {self.task_name!r}")
+            self.task_id, self.num_classes = task.id, len(task.classes)
+            root = s.get(Root, task.root_id)
+            self.root_id, self.root_config, self.root_params = root.id, root.config, root.root_params
+            self.root_path_id = root.root_path_id
+            self.live_id = task.live_path_id
+            self.users = lineage.component_users(s)
+            others = {n: p for n, p in lineage.live_paths(s).items() if n != self.task_name}
+            tried = set(s.scalars(select(CandidateRow.parent_path_id).where(
+                CandidateRow.task_id == task.id, CandidateRow.outcome != "error")))
+            split = (task.val_fraction, task.split_seed)
+            live_score = s.scalar(select(PathRow.score).where(PathRow.id == task.live_path_id)) if task.live_path_id else None
+        arrays = sys_.dataset(task)
+        self.data = TaskData.from_arrays(self.task_name, arrays, split[0], split[1], self.root_config["mean"], self.root_config["std"])
+        self.family = models.family_for(self.root_config["timm"])
+        # Seeds: every other task's live path and the root, unmutated (§5.2); a seed this
+        # task already tried unmutated in an earlier visit is not retried.
+        self.seeds = [self._committed_entry(pid) for pid in list(others.values()) + [self.root_path_id]]
+        self.pending_seeds = [e for e in self.seeds if e.path_id not in tried] if self.cfg.seed_phase else []
+        self.population: list[Entry] = []
+        if self.live_id:
+            live = self._committed_entry(self.live_id)
+            live.score = live_score if live_score is not None else float("-inf")
+            self.population.append(live)
+        self.members: dict[str, search.Member] = {}
+
+    def _committed_entry(self, path_id: str) -> Entry:
+        if path_id in self.entries:
+            return self.entries[path_id]
+        with self.system.Session() as s:
+            path = s.get(PathRow, path_id)
+            rows = s.execute(select(PathComponent.position, Component).join(Component, Component.id == PathComponent.component_id)
+                             .where(PathComponent.path_id == path_id).order_by(PathComponent.position)).all()
+            locks = lineage.locks(s, [c.id for _, c in rows])
+        same = path.task_id == self.task_id
+        slots = {}
+        for _, row in rows:
+            slots[row.name] = Slot(row.id, row.name, row.meta, self._module(row), True, bool(locks.get(row.id)), row.id, same)
+        hp = copy.deepcopy(path.hparams) if path.task_id else search.initial_hparams(self.cfg, self.root_config, self.num_classes)
+        hp.setdefault("mu", search.initial_mu(self.cfg, self.root_config["depth"]))
+        for key, default in (("opt", None), ("aug", None)):
+            hp.setdefault(key, search.initial_hparams(self.cfg, self.root_config, self.num_classes)[key])
+        hp.setdefault("bn_train", False)
+        hp.setdefault("adapter_width", self.cfg.defaults["adapter_width"])
+        hp["arch"]["num_classes"] = self.num_classes
+        if path.task_id is None:  # the root seed keeps the root's blocks but this visit's default image size
+            hp["arch"]["image_size"] = search.initial_hparams(self.cfg, self.root_config, self.num_classes)["arch"]["image_size"]
+        entry = Entry(path_id, hp, slots, True, same, committed_path=path_id, val_acc=path.val_acc or 0.0,
+                      score=path.score if (same and path.score is not None) else float("-inf"))
+        self.entries[path_id] = entry
+        return entry
+
+    def _module(self, row: Component) -> nn.Module:
+        module = self.modules.get(row.id)
+        if module is None:
+            module = self.system.build_component(row, self.root_config).to(self.cfg.device)
+            self.modules[row.id] = module
+        return module
+
+    # -- child construction (MUNET.md §2) -------------------------------------------------
+    def _ancestors(self, entry: Entry):
+        """The entry, its in-visit parents, then the committed ancestry, then the root path."""
+        while entry is not None and not entry.committed:
+            yield entry
+            entry = entry.parent
+        if entry is not None:
+            with self.system.Session() as s:
+                chain = [p.id for p in lineage.ancestry(s, entry.path_id)]
+            for pid in chain:
+                yield self._committed_entry(pid)
+        yield self._committed_entry(self.root_path_id)
+
+    def _find(self, parent: Entry, name: str, meta: dict, same_task_only: bool = False) -> Slot | None:
+        for entry in self._ancestors(parent):
+            slot = entry.slots.get(name)
+            if slot is None or (same_task_only and not entry.same_task):
+                continue
+            if name == "head" and slot.meta.get("num_classes") != meta.get("num_classes"):
+                continue
+            return slot
+        return None
+
+    def build(self, parent: Entry, hp: dict, clones: set[int], path_id: str) -> tuple[Candidate, dict[str, Slot], list[str]]:
+        ids, names, mods, trainable, slots, actions = [], [], [], [], {}, []
+        momentum = {}
+        for name, meta in self.family.layout(self.root_config, hp["arch"]):
+            kind, index, _ = models.parse_name(name)
+            source = self._find(parent, name, meta, same_task_only=(kind == "head"))
+            if source is None:
+                slot, action = self._new_slot(parent, name, meta, hp), "new"
+            else:
+                clone = (not source.locked or kind in ("final_norm", "head")
+                         or (kind == "blocks" and index in clones)
+                         or (kind in ("stem", "neck", "cls_token") and self.rng.random() < search.prob(hp, "clone", self.cfg, 0)))
+                if clone:
+                    module = copy.deepcopy(source.module)
+                    slot = Slot(new_id(), name, dict(meta or source.meta), module, False, False, source.origin)
+                    action = "clone"
+                    if source.id in parent.momentum:
+                        momentum[slot.id] = parent.momentum[source.id]
+                else:
+                    slot, action = source, "ref"
+            ids.append(slot.id)
+            names.append(name)
+            mods.append(slot.module)
+            trainable.append(action != "ref")
+            slots[name] = slot
+            actions.append(f"{action}:{name}")
+        return Candidate(ids, names, mods, trainable, hp, momentum), slots, actions
+
+    def _new_slot(self, parent: Entry, name: str, meta: dict, hp: dict) -> Slot:
+        kind, index, _ = models.parse_name(name)
+        if kind == "pos_embed":
+            src = next(s for e in self._ancestors(parent) for n, s in e.slots.items() if n.startswith("pos_embed@"))
+            module = self.family.resample_pos_embed(self.root_config, src.module, models.parse_name(src.name)[1], index)
+            return Slot(new_id(), name, {}, module.to(self.cfg.device), False, False, src.origin)
+        module = self.family.build(self.root_config, name, meta).to(self.cfg.device)
+        return Slot(new_id(), name, dict(meta), module, False, False, None)
+
+    # -- scoring ------------------------------------------------------------------------
+    def score_factor(self, slots: dict[str, Slot]) -> tuple[float, float]:
+        params = {s.id: models.count_params(s.module) for s in slots.values()}
+        accounted = search.accounted_params(params, self.users, self.task_name)
+        return search.score(1.0, accounted, self.root_params, self.cfg), accounted
+
+    # -- the loop -----------------------------------------------------------------------
+    def run(self) -> dict:
+        t0 = time.perf_counter()
+        self._load()
+        tried = improved = 0
+        for gen in range(self.cfg.generations):
+            if self.should_stop():
+                break
+            best = max(self.population, key=lambda e: e.score, default=None)
+            inputs, input_log = search.mutate_inputs(best.hparams if best else self.seeds[-1].hparams,
+                                                     self.cfg, self.root_config, self.rng)
+            bar = tqdm(total=self.cfg.candidates, desc=f"{self.task_name} gen {gen + 1}/{self.cfg.generations}",
+                       disable=not self.progress, leave=False, dynamic_ncols=True)
+            for _ in range(self.cfg.candidates):
+                if self.should_stop():
+                    break
+                ok = self._one_candidate(gen, inputs, input_log)
+                tried += 1
+                improved += int(ok)
+                best = max(self.population, key=lambda e: e.score, default=None)
+                bar.set_postfix(best=f"{best.score:.4f}" if best else "-")
+                bar.update()
+            bar.close()
+        result = self._finish()
+        result.update({"task": self.task_name, "candidates": tried, "improved": improved,
+                       "seconds": time.perf_counter() - t0, "cache_hits": self.cache.hits, "cache_misses": self.cache.misses})
+        return result
+
+    def _pick(self) -> tuple[Entry, dict, list[str], set[int], bool]:
+        if self.pending_seeds:
+            seed = self.pending_seeds.pop(0)
+            return seed, copy.deepcopy(seed.hparams), ["seed"], set(), True
+        members = [self._member(e) for e in self.population]
+        seeds = [self._member(e) for e in self.seeds]
+        parent = self.entries[search.select_parent(members, seeds, self.rng).key]
+        hp, mutations, clones = search.mutate(parent.hparams, self.cfg, self.root_config, self.rng)
+        return parent, hp, mutations, clones, False
+
+    def _member(self, entry: Entry) -> search.Member:
+        member = self.members.get(entry.path_id)
+        if member is None:
+            member = self.members[entry.path_id] = search.Member(entry.path_id, entry.hparams, entry.score, entry.val_acc)
+        member.score = entry.score
+        return member
+
+    def _one_candidate(self, gen: int, inputs: dict, input_log: list[str]) -> bool:
+        parent, hp, mutations, clones, is_seed = self._pick()
+        if not is_seed:
+            hp = search.apply_inputs(hp, inputs)
+            mutations = mutations + input_log
+        self._member(parent).children += 1
+        path_id = new_id()
+        cand, slots, actions = self.build(parent, hp, clones, path_id)
+        factor, accounted = self.score_factor(slots)
+        start = parent.score + self.cfg.min_improvement if parent.same_task else float("-inf")
+        status, result = "error", None
+        try:
+            result = train_candidate(cand, self.data, self.cfg, self.cache, factor, start)
+            status = "improved" if result.improved else "discarded"
+        except (RuntimeError, ValueError) as e:  # a broken candidate must not end the visit
+            log.warning("candidate of %s failed: %s", self.task_name, e)
+            mutations = mutations + [f"error:{str(e)[:200]}"]
+        entry = None
+        if status == "improved":
+            entry = Entry(path_id, hp, slots, False, True, parent=parent, committed_path=parent.committed_path,
+                          candidate=cand, val_acc=result.val_acc, score=result.score,
+                          train_examples=result.examples, train_seconds=result.seconds, momentum=result.momentum)
+            self.entries[path_id] = entry
+            self.population.append(entry)
+        row_id = self._record(gen, parent, hp, mutations + actions, result, accounted, status)
+        if entry is not None:
+            entry.candidate_row = row_id
+        if entry is not None and not self.live_id and not self.committed_live:
+            # A new task becomes servable with its first good candidate (DESIGN.md).
+            self._commit(entry, reason="first", lock=False)
+            self.committed_live = True
+        if self.on_candidate:
+            self.on_candidate(self.task_name, status)
+        return status == "improved"
+
+    def _record(self, gen, parent, hp, mutations, result, accounted, status) -> int:
+        lineage_note = [] if parent.committed else [f"parent:{parent.path_id}"]
+        with self.system.Session.begin() as s:
+            row = CandidateRow(task_id=self.task_id, visit_id=self.visit_id, parent_path_id=parent.committed_path,
+                               generation=gen, mutations=mutations + lineage_note, hparams=hp,
+                               val_curve=result.curve if result else [], val_acc=result.val_acc if result else None,
+                               score=result.score if result else None, accounted_params=accounted,
+                               examples=result.examples if result else 0, seconds=result.seconds if result else 0.0,
+                               outcome=status)
+            s.add(row)
+            s.flush()
+            return row.id
+
+    # -- end of visit ---------------------------------------------------------------------
+    def _finish(self) -> dict:
+        best = max(self.population, key=lambda e: e.score, default=None)
+        outcome = {"moved": False, "path_id": self.live_id, "score": None, "val_acc": None, "test_acc": None}
+        if best is not None and not best.committed:
+            res = self._commit(best, reason="evolved", lock=True)
+            outcome.update({"moved": res.moved, "path_id": res.path_id if res.moved else self.live_id})
+        elif best is not None:
+            outcome["path_id"] = best.path_id
+        commit_mod.lock_live(self.system.Session, self.task_name)  # MUNET.md §5.5
+        with self.system.Session() as s:
+            live = s.get(PathRow, s.scalar(select(Task.live_path_id).where(Task.name == self.task_name)))
+        if live is not None:
+            outcome.update({"path_id": live.id, "score": live.score, "val_acc": live.val_acc, "test_acc": live.test_acc,
+                            "accounted_params": live.accounted_params, "image_size": live.image_size})
+        return outcome
+
+    def _commit(self, entry: Entry, reason: str, lock: bool):
+        cand = entry.candidate
+        size = entry.hparams["arch"]["image_size"]
+        test_h = prefix_activations(self.cache, cand.ids[:cand.first_trainable], cand.modules[:cand.first_trainable],
+                                    self.data, "test", size, self.cfg)
+        test_acc = accuracy(cand.modules[cand.first_trainable:], test_h, self.data.y["test"].to(test_h.device), self.cfg.eval_batch_size)
+        probe_x = self.data.x["val"][:PROBE_SIZE]
+        probe = {"inputs": probe_x, "logits": logits(cand.modules, probe_x, size, self.data.mean, self.data.std, PROBE_SIZE, self.cfg.device)}
+        _, accounted = self.score_factor(entry.slots)
+        new = [commit_mod.NewComponent(name=s.name, tensors={k: v.detach().cpu() for k, v in s.module.state_dict().items()},
+                                       meta=s.meta, parent_id=s.origin, num_params=models.count_params(s.module), id=s.id)
+               for s in entry.slots.values() if not s.committed]
+        record = commit_mod.PathRecord(
+            task=self.task_name, root_id=self.root_id, component_ids=cand.ids, hparams=entry.hparams, image_size=size,
+            parent_id=entry.committed_path, val_acc=entry.val_acc, score=entry.score, test_acc=test_acc,
+            accounted_params=accounted, flops=count_flops(cand.modules, size, self.cfg.device),
+            train_examples=entry.train_examples, train_seconds=entry.train_seconds, probe=probe, id=entry.path_id)
+        res = commit_mod.commit_path(self.system.Session, self.system.store, record, new,
+                                     lease_token=self.lease_token, reason=reason, lock=lock,
+                                     candidate_id=entry.candidate_row)
+        for s in entry.slots.values():  # now committed: later children clone or reference them by id
+            s.committed, s.origin = True, s.id
+            self.modules[s.id] = s.module
+        entry.committed, entry.committed_path = True, entry.path_id
+        if res.moved:
+            signals.publish(self.system.settings.redis_url, signals.SWAPS,
+                            signals.swap_message(self.task_name, res.path_id, res.score))
+        return res
+
+
+@torch.no_grad()
+def count_flops(modules: list[nn.Module], image_size: int, device: str) -> float:
+    """Forward FLOPs of one image (for the record and µ2Net+'s optional compute factor)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    x = torch.zeros(1, 3, image_size, image_size, device=device)
+    with FlopCounterMode(display=False) as counter:
+        for m in modules:
+            x = m(x)
+    return float(counter.get_total_flops())
