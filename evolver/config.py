@@ -59,6 +59,7 @@ class EvolverConfig:
         "hflip": True, "brightness": 0.0, "contrast": 0.0, "saturation": 0.0, "hue": 0.0, "bn_train": False,
     })
     prefix_cache_bytes: int = 3 * 1024**3
+    reuse_prefix: bool = True  # compute frozen-prefix activations once per (prefix, size, split)
     threads: int | None = None
     device: str = "cpu"
     seed: int = 0
@@ -79,7 +80,7 @@ def cpu_preset() -> EvolverConfig:
     """DESIGN.md: 4 generations x 4 candidates, at most 2 epochs, 32-96 px, default 64 px,
     random augmentation off (so the prefix cache applies) but reachable by mutation."""
     cfg = EvolverConfig(generations=4, candidates=4, intervals=2, batches_per_interval=10**9, batch_size=64,
-                        max_epochs=2.0, min_improvement=0.002, image_sizes=[32, 48, 64, 80, 96], mu_bottom=0.02)
+                        max_epochs=2.0, min_improvement=0.002, image_sizes=[32, 48, 64, 80, 96], mu_bottom=0.005)
     cfg.defaults.update({"image_size": 64, "crop_area_min": 1.0, "hflip": False})
     return cfg
 

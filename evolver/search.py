@@ -32,7 +32,8 @@ def initial_mu(cfg: EvolverConfig, depth: int) -> dict:
     # Bottom blocks are general features: cloning them or adapting them rarely pays and makes
     # the whole network above trainable, so their probabilities start low and evolve.
     mu = {a: cfg.mu for a in ACTIONS if a not in ("clone", "adapter")}
-    ramp = [round(cfg.mu_bottom + (cfg.mu - cfg.mu_bottom) * i / max(1, depth - 1), 4) for i in range(depth)]
+    # Quadratic ramp: on a 16-block CNN the bottom half together gets ~1/6 of the top's odds.
+    ramp = [round(cfg.mu_bottom + (cfg.mu - cfg.mu_bottom) * (i / max(1, depth - 1)) ** 2, 4) for i in range(depth)]
     mu["clone"], mu["adapter"] = ramp, list(ramp)
     return mu
 
@@ -65,8 +66,8 @@ def mutate_mu(hp: dict, cfg: EvolverConfig, rng: random.Random, log: list[str]) 
     lo, hi = cfg.mu_range
     mu = hp["mu"]
     for action, value in mu.items():
-        if isinstance(value, list):
-            mu[action] = [_meta(v, lo, hi, rng) for v in value]
+        if isinstance(value, list):  # per-block ramps may sit below the range's floor
+            mu[action] = [_meta(v, min(lo, cfg.mu_bottom), hi, rng) for v in value]
         else:
             mu[action] = _meta(value, lo, hi, rng)
     log.append("mu")

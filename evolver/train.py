@@ -231,8 +231,11 @@ def train_candidate(cand: Candidate, data: TaskData, cfg: EvolverConfig, cache: 
         m.to(device)
     set_modes(cand, training=False)
     random_inputs = augments(hp)
-    h_val = prefix_activations(cache, prefix_ids, prefix, data, "val", size, cfg)
-    h_train = None if random_inputs else prefix_activations(cache, prefix_ids, prefix, data, "train", size, cfg)
+    # Without reuse (cfg.reuse_prefix off: the benchmark's "no cache" arm) every batch runs
+    # the frozen prefix again, as a plain training loop would.
+    per_batch = random_inputs or not cfg.reuse_prefix
+    h_val = prefix_activations(cache if cfg.reuse_prefix else None, prefix_ids, prefix, data, "val", size, cfg)
+    h_train = None if per_batch else prefix_activations(cache, prefix_ids, prefix, data, "train", size, cfg)
     aug = augmenter(hp, size) if random_inputs else None
 
     params = {f"{i}.{n}": p for i, (m, t) in enumerate(zip(cand.modules, cand.trainable)) if t
@@ -261,8 +264,8 @@ def train_candidate(cand: Candidate, data: TaskData, cfg: EvolverConfig, cache: 
                 order, cursor = torch.randperm(n, generator=gen), 0
             idx = order[cursor:cursor + cfg.batch_size]
             cursor += len(idx)
-            if random_inputs:
-                xb = _augmented_batch(data.x["train"][idx], aug, size)
+            if per_batch:
+                xb = _augmented_batch(data.x["train"][idx], aug, size) if random_inputs else data.x["train"][idx]
                 hb = run_frozen(prefix, xb, size, data.mean, data.std, len(idx), device)
             else:
                 hb = h_train[idx.to(h_train.device)]

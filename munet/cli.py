@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path as FilePath
 from typing import Any, Callable
 
+from rich import box
 from rich.console import Console
 from rich.table import Table
 
@@ -55,6 +56,12 @@ class CliError(Exception):
     """A user-facing failure: printed as one `munet: error:` line."""
 
 
+def make_console() -> Console:
+    # Piped output (scripts, logs, tests) gets a wide fixed width instead of rich's
+    # 80 columns, so no cell is cut short; a terminal uses its own width and folds.
+    return Console(highlight=False, soft_wrap=False, width=None if sys.stdout.isatty() else 200)
+
+
 # -- context ----------------------------------------------------------------------
 
 @dataclass
@@ -62,7 +69,7 @@ class Context:
     """What a handler gets: parsed arguments, the console and a lazily opened System."""
 
     args: argparse.Namespace
-    console: Console = field(default_factory=lambda: Console(highlight=False, soft_wrap=False))
+    console: Console = field(default_factory=lambda: make_console())
     _system: Any = None
 
     @property
@@ -137,8 +144,8 @@ def _fmt(x: Any, digits: int = 4) -> str:
 
 def _kv_table(title: str, rows: list[tuple[str, Any]]) -> Table:
     table = Table(title=title, show_header=False, title_justify="left")
-    table.add_column(style="bold")
-    table.add_column()
+    table.add_column(style="bold", no_wrap=True)
+    table.add_column(overflow="fold")
     for key, value in rows:
         table.add_row(key, value if isinstance(value, str) else _fmt(value))
     return table
@@ -184,6 +191,13 @@ def cmd_root_add(ctx: Context) -> None:
         if s.scalar(select(Root).where(Root.name == a.name)):
             raise CliError(f"a root named {a.name!r} exists already")
     kwargs = _parse_kwargs(a.model_kwargs)
+    import timm
+
+    from munet import models
+
+    if not timm.is_model(a.timm):
+        raise CliError(f"timm has no model named {a.timm!r}")
+    models.family_for(a.timm)  # fails before any weights are loaded
     if not ctx.json:
         ctx.console.print(f"loading {a.timm} ({a.weights} weights) ...")
     root = system.add_root(a.name, a.timm, a.weights, kwargs)
@@ -282,14 +296,14 @@ def cmd_task_list(ctx: Context) -> None:
     if not tasks:
         ctx.console.print("no tasks yet: add one with `munet task add NAME --data PATH`")
         return
-    table = Table(title=f"{len(tasks)} task(s)", title_justify="left")
-    for col, justify in (("name", "left"), ("status", "left"), ("root", "left"), ("classes", "right"),
-                         ("train/test", "right"), ("score", "right"), ("val acc", "right"), ("test acc", "right"),
-                         ("params", "right"), ("pinned", "left")):
-        table.add_column(col, justify=justify)
+    table = Table(title=f"{len(tasks)} task(s)", title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False, collapse_padding=True)
+    for col, justify in (("name", "left"), ("status", "left"), ("classes", "right"), ("train/test", "right"),
+                         ("score", "right"), ("val acc", "right"), ("test acc", "right"), ("params", "right"),
+                         ("pin", "left")):
+        table.add_column(col, justify=justify, overflow="fold")
     for t in tasks:
         live = t["live_path"] or {}
-        table.add_row(t["name"], t["status"], str(t["root"]), str(len(t["classes"])), f"{t['n_train']}/{t['n_test']}",
+        table.add_row(t["name"], t["status"], str(len(t["classes"])), f"{t['n_train']}/{t['n_test']}",
                       _fmt(live.get("score")), _fmt(live.get("val_acc")), _fmt(live.get("test_acc")),
                       _fmt_params(live.get("accounted_params")), "yes" if t["pinned"] else "")
     ctx.console.print(table)
@@ -586,6 +600,8 @@ def add_command(subparsers, name: str, handler: Handler, help: str, json_flag: b
 
 
 def register_builtin(subparsers) -> None:
+    add_command(subparsers, "quickstart", cmd_quickstart,
+                "init, the packaged root lite0 and a demo task (digits) on embedded defaults")
     add_command(subparsers, "init", cmd_init, "create the schema and the stores under MUNET_HOME", json_flag=True)
 
     root = subparsers.add_parser("root", help="pretrained roots", description="pretrained roots")
@@ -620,8 +636,6 @@ def register_builtin(subparsers) -> None:
     p.add_argument("--dry-run", action="store_true", help="only report what would be deleted")
     add_command(subparsers, "fsck", cmd_fsck, "verify every blob against its hash and every row against the store",
                 json_flag=True)
-    add_command(subparsers, "quickstart", cmd_quickstart,
-                "init, the packaged root lite0 and a demo task (digits) on embedded defaults")
 
 
 def register_extensions(subparsers) -> None:
@@ -646,8 +660,7 @@ def build_parser() -> argparse.ArgumentParser:
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     register_builtin(subparsers)
     register_extensions(subparsers)
-    width = max(len(cmd) for cmd, _ in EXAMPLES)
-    parser.epilog = "examples:\n" + "\n".join(f"  {cmd:<{width}}  # {what}" for cmd, what in EXAMPLES) + (
+    parser.epilog = "examples:\n" + "\n".join(f"  {cmd}\n      {what}" for cmd, what in EXAMPLES) + (
         "\n\nsettings: MUNET_HOME, MUNET_DB_URL, MUNET_STORE_URL, MUNET_DATA_URL, MUNET_REDIS_URL, MUNET_API_TOKEN"
         "\nMUNET_DEBUG=1 shows tracebacks of unexpected errors.")
     return parser

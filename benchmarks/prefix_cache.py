@@ -1,0 +1,82 @@
+"""Prefix caching: candidates per hour with and without reusing frozen-prefix activations.
+
+The candidate trains only the top two blocks, the neck's norm and a new head (everything
+below is frozen and referenced), as most CPU candidates do. Both arms train the same
+candidates on the same data; the cached arm computes the frozen prefix once and reuses it
+across epochs and candidates, the other runs it for every batch.
+
+    python benchmarks/prefix_cache.py [--task cifar] [--candidates 3] [--size 64]
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from sqlalchemy import select
+from tqdm import tqdm
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import SHARED_DATA, table, write  # noqa: E402
+
+from munet.evolver import baselines, search  # noqa: E402
+from munet.evolver.config import cpu_preset  # noqa: E402
+from munet.evolver.train import PrefixCache, TaskData, train_candidate  # noqa: E402
+from munet.settings import Settings  # noqa: E402
+from munet.storage.schema import Root, Task  # noqa: E402
+from munet.system import System  # noqa: E402
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--task", default="cifar")
+    ap.add_argument("--candidates", type=int, default=3)
+    ap.add_argument("--size", type=int, default=64)
+    ap.add_argument("--epochs", type=float, default=2.0)
+    ap.add_argument("--threads", type=int, default=2)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    data_file = SHARED_DATA / f"{args.task}.npz"
+    if not data_file.exists():
+        sys.exit(f"prefix_cache: {data_file} is absent")
+    with tempfile.TemporaryDirectory() as home:
+        system = System(Settings.from_env(home))
+        system.init()
+        system.add_root("lite0", "tf_efficientnet_lite0", "packaged")
+        system.add_task(args.task, str(data_file))
+        with system.Session() as s:
+            task = s.scalar(select(Task))
+            root = s.get(Root, task.root_id)
+        data = TaskData.from_arrays(task.name, system.dataset(task), 0.1, 0, root.config["mean"], root.config["std"])
+        rows = []
+        for reuse in (True, False):
+            cfg = cpu_preset().replace(max_epochs=args.epochs, reuse_prefix=reuse)
+            cfg.defaults["image_size"] = args.size
+            cache = PrefixCache(cfg.prefix_cache_bytes)
+            hp = search.initial_hparams(cfg, root.config, data.num_classes)
+            template, _ = baselines._build(system, root, task, f"freeze:{root.config['depth'] - 2}", hp)
+            t0, examples, accs = time.perf_counter(), 0, []
+            for i in tqdm(range(args.candidates), desc=f"prefix cache {'on' if reuse else 'off'}"):
+                cand = copy.deepcopy(template)  # fresh clones each time, same frozen prefix
+                cand.hparams["opt"]["lr"] = [0.01, 0.02, 0.005][i % 3]
+                r = train_candidate(cand, data, cfg, cache, 1.0, float("-inf"))
+                examples += r.examples
+                accs.append(r.val_acc)
+            secs = time.perf_counter() - t0
+            rows.append({"prefix_cache": "on" if reuse else "off", "candidates": args.candidates, "seconds": secs,
+                         "candidates_per_hour": 3600 * args.candidates / secs, "train_images_per_s": examples / secs,
+                         "mean_val_acc": sum(accs) / len(accs)})
+    rows[0]["speedup"] = rows[0]["candidates_per_hour"] / rows[1]["candidates_per_hour"]
+    cols = ["prefix_cache", "candidates", "seconds", "candidates_per_hour", "train_images_per_s", "mean_val_acc", "speedup"]
+    print(f"\nPrefix caching, {args.task} at {args.size}px, {args.epochs} epochs, top 2 blocks + head trained\n")
+    print(table(rows, cols))
+    path = write("prefix_cache", {"args": vars(args), "rows": rows})
+    print(f"\nwrote {path}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,145 @@
+"""The evolver on real (small) tasks: visits, immunity, BatchNorm, leases and fencing."""
+from __future__ import annotations
+
+import datetime as dt
+
+import pytest
+import torch
+from sqlalchemy import select, update
+
+from munet.evolver import baselines
+from munet.evolver.train import Candidate, PrefixCache, TaskData, logits, train_candidate
+from munet.evolver.visit import Visit
+from munet.evolver.worker import claim, release
+from munet.storage.commit import LeaseLost, NewComponent, PathRecord, commit_path
+from munet.storage.schema import Candidate as CandidateRow, LiveHistory, PathRow, Task
+
+from evolver_support import digits_npz, tiny_config
+
+
+@pytest.fixture
+def two_tasks(sqlite_system, tmp_path):
+    s = sqlite_system
+    s.add_root("lite0", "tf_efficientnet_lite0", "packaged")
+    s.add_task("a", str(digits_npz(tmp_path / "a.npz", offset=0)))
+    s.add_task("b", str(digits_npz(tmp_path / "b.npz", offset=3)))
+    return s
+
+
+def _probe(system, task_name):
+    """Task logits on fixed inputs through a path loaded fresh from the store."""
+    info = system.task_json(task_name)
+    path, row = system.load_path(info["live_path"]["id"], cache={})
+    x = torch.arange(6 * 16 * 16, dtype=torch.int64).remainder(251).to(torch.uint8).reshape(6, 16, 16, 1)
+    return logits(path.modules, x, row.image_size, path.mean, path.std, 6, "cpu")
+
+
+def _blobs(system, path_id):
+    from munet.storage.lineage import path_component_ids
+    from munet.storage.schema import Component
+
+    with system.Session() as s:
+        ids = path_component_ids(s, path_id)
+        hashes = [s.get(Component, c).blob_hash for c in ids]
+    return {h: system.store.read_bytes(h) for h in hashes}
+
+
+def test_a_visit_gives_a_new_task_a_live_path_and_records_every_candidate(two_tasks):
+    result = Visit(two_tasks, "a", tiny_config(), progress=False).run()
+    info = two_tasks.task_json("a")
+    assert result["candidates"] == 2
+    assert info["status"] == "ready" and info["live_path"]["val_acc"] > 0.3  # 10 classes: chance is 0.1
+    assert info["candidates_tried"] == 2
+    hp = info["live_path"]["hparams"]
+    assert set(hp) >= {"arch", "opt", "aug", "mu"} and hp["arch"]["num_classes"] == 10
+    with two_tasks.Session() as s:
+        rows = list(s.scalars(select(CandidateRow)))
+    assert all(r.val_curve and r.examples > 0 and r.seconds > 0 for r in rows)
+    assert "seed" in rows[0].mutations  # the root seed is tried unmutated first
+
+
+def test_evolving_one_task_never_changes_another_tasks_outputs_or_blobs(two_tasks):
+    Visit(two_tasks, "a", tiny_config(), progress=False).run()
+    a_path = two_tasks.task_json("a")["live_path"]["id"]
+    before, blobs = _probe(two_tasks, "a"), _blobs(two_tasks, a_path)
+    # b's visit seeds from a's live path and clones/trains on top of shared components.
+    cfg = tiny_config(generations=2, candidates=3, mu=0.3)
+    Visit(two_tasks, "b", cfg, progress=False).run()
+    Visit(two_tasks, "b", cfg, progress=False).run()
+    assert two_tasks.task_json("a")["live_path"]["id"] == a_path
+    assert torch.equal(before, _probe(two_tasks, "a")), "task a's logits must stay bit-identical"
+    assert _blobs(two_tasks, a_path) == blobs, "task a's component blobs must stay byte-identical"
+
+
+def test_live_score_only_rises_and_every_move_is_recorded(two_tasks):
+    cfg = tiny_config(generations=2, candidates=2)
+    for _ in range(3):
+        Visit(two_tasks, "a", cfg, progress=False).run()
+    with two_tasks.Session() as s:
+        task = s.scalar(select(Task).where(Task.name == "a"))
+        history = list(s.scalars(select(LiveHistory).where(LiveHistory.task_id == task.id).order_by(LiveHistory.id)))
+    scores = [h.score for h in history]
+    assert scores == sorted(scores) and len(set(scores)) == len(scores)
+    assert history[-1].path_id == task.live_path_id
+    assert all(h.previous_path_id == p.path_id for h, p in zip(history[1:], history))
+
+
+def test_frozen_batchnorm_statistics_never_change_while_a_candidate_trains(two_tasks):
+    cfg = tiny_config()
+    system = two_tasks
+    with system.Session() as s:
+        task = s.scalar(select(Task).where(Task.name == "a"))
+        from munet.storage.schema import Root
+        root = s.get(Root, task.root_id)
+    data = TaskData.from_arrays("a", system.dataset(task), 0.1, 0, root.config["mean"], root.config["std"])
+    from munet.evolver import search
+    hp = search.initial_hparams(cfg, root.config, data.num_classes)
+    cand, _ = baselines._build(system, root, task, "freeze:12", hp)
+    frozen = [m for m, t in zip(cand.modules, cand.trainable) if not t]
+    trained = [m for m, t in zip(cand.modules, cand.trainable) if t]
+    snap = lambda mods: [{k: v.clone() for k, v in m.state_dict().items()} for m in mods]  # noqa: E731
+    frozen_before, trained_before = snap(frozen), snap(trained)
+    train_candidate(cand, data, cfg, PrefixCache(1 << 30), 1.0, float("-inf"))
+    for before, m in zip(frozen_before, frozen):
+        assert all(torch.equal(v, m.state_dict()[k]) for k, v in before.items())
+    # Cloned blocks learn (weights move) but keep their running statistics with bn_train off.
+    moved = stats_kept = 0
+    for before, m in zip(trained_before, trained):
+        for k, v in m.state_dict().items():
+            if k.endswith(("running_mean", "running_var")):
+                stats_kept += int(torch.equal(v, before[k]))
+                assert torch.equal(v, before[k])
+            elif k.endswith("weight"):
+                moved += int(not torch.equal(v, before[k]))
+    assert moved > 0 and stats_kept > 0
+
+
+def test_a_worker_whose_lease_was_taken_over_cannot_commit(two_tasks):
+    Visit(two_tasks, "a", tiny_config(), progress=False).run()
+    first = claim(two_tasks.Session, "w1", ttl=60, eligible={"a"})
+    assert first is not None and claim(two_tasks.Session, "w2", ttl=60, eligible={"a"}) is None
+    with two_tasks.Session.begin() as s:  # w1 stalls past its lease
+        s.execute(update(Task).where(Task.name == "a").values(lease_until=dt.datetime(2000, 1, 1)))
+    second = claim(two_tasks.Session, "w2", ttl=60, eligible={"a"})
+    assert second is not None and second.token == first.token + 1
+    with two_tasks.Session() as s:
+        live = s.get(PathRow, s.scalar(select(Task.live_path_id).where(Task.name == "a")))
+        from munet.storage.lineage import path_component_ids
+        ids = path_component_ids(s, live.id)
+    record = PathRecord(task="a", root_id=live.root_id, component_ids=ids, hparams=live.hparams,
+                        image_size=live.image_size, score=2.0)
+    with pytest.raises(LeaseLost):
+        commit_path(two_tasks.Session, two_tasks.store, record, [], lease_token=first.token)
+    assert two_tasks.task_json("a")["live_path"]["id"] == live.id
+    release(two_tasks.Session, first, visited=True)  # the stale worker's release changes nothing
+    with two_tasks.Session() as s:
+        assert s.scalar(select(Task.lease_owner).where(Task.name == "a")) == "w2"
+
+
+def test_baselines_train_only_their_plan_and_report_budget(two_tasks):
+    cfg = tiny_config()
+    head = baselines.run_baseline(two_tasks, "a", "head", cfg, commit=False)
+    full = baselines.run_baseline(two_tasks, "b", "full", cfg, lrs=[0.01, 0.02], commit=True)
+    assert head["trained_params"] < 20_000 < 3_000_000 < full["trained_params"]
+    assert full["examples"] == 2 * head["examples"]  # two runs, same per-run budget
+    assert len(full["runs"]) == 2 and two_tasks.task_json("b")["live_path"]["id"] == full["path_id"]

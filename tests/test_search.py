@@ -1,0 +1,104 @@
+"""The muNet search rules as pure functions (MUNET.md §3-5)."""
+import random
+
+import pytest
+
+from munet.evolver import search
+from munet.evolver.config import VALUES, cpu_preset, munet_preset
+
+LITE0 = {"family": "efficientnet", "depth": 16, "removable": [2, 4, 6, 7, 9, 10, 12, 13, 14], "image_size": 224}
+
+
+def test_step_moves_one_index_and_clamps_at_the_ends():
+    rng = random.Random(0)
+    for _ in range(50):
+        assert search.step(VALUES["lr"], 0.01, rng) in (5e-3, 0.02)
+        assert search.step(VALUES["lr"], 1e-4, rng) in (1e-4, 2e-4)
+        assert search.step(VALUES["nesterov"], False, rng) in (True, False)
+
+
+def test_config_defaults_follow_munet_md_and_cpu_preset_follows_design():
+    m = munet_preset()
+    assert (m.generations, m.candidates, m.mu, m.intervals, m.batches_per_interval, m.batch_size) == (8, 8, 0.1, 30, 200, 256)
+    assert m.defaults["lr"] == 0.01 and m.defaults["momentum"] == 0.9 and m.defaults["schedule"] == "cosine"
+    c = cpu_preset()
+    assert (c.generations, c.candidates, c.max_epochs, c.min_improvement) == (4, 4, 2.0, 0.002)
+    assert c.image_sizes == [32, 48, 64, 80, 96] and c.defaults["image_size"] == 64
+    hp = search.initial_hparams(c, LITE0, 10)
+    assert not search.augments(hp), "random augmentation is off by default on CPU so the prefix cache applies"
+
+
+def test_bottom_blocks_start_with_lower_clone_and_adapter_probabilities():
+    hp = search.initial_hparams(cpu_preset(), LITE0, 10)
+    for action in ("clone", "adapter"):
+        ramp = hp["mu"][action]
+        assert len(ramp) == 16 and ramp[0] < ramp[-1] and ramp == sorted(ramp)
+
+
+def test_mutations_are_logged_and_meta_mutated_mu_stays_in_range():
+    cfg = cpu_preset().replace(mu=0.3)
+    rng = random.Random(1)
+    hp = search.initial_hparams(cfg, LITE0, 10)
+    for _ in range(200):
+        hp, log, clones = search.mutate(hp, cfg, LITE0, rng)
+        assert "mu" in log
+        for v in hp["mu"].values():
+            floor = min(cfg.mu_range[0], cfg.mu_bottom) if isinstance(v, list) else cfg.mu_range[0]
+            for p in (v if isinstance(v, list) else [v]):
+                assert floor <= p <= cfg.mu_range[1]
+        assert set(clones) <= set(hp["arch"]["blocks"])
+        # Only residual blocks may be missing from a CNN path.
+        assert set(range(16)) - set(hp["arch"]["blocks"]) <= set(LITE0["removable"])
+        assert all(int(i) in hp["arch"]["blocks"] for i in hp["arch"]["adapters"])
+
+
+def test_vit_layer_removal_drops_top_blocks():
+    vit = {"family": "vit", "depth": 4, "removable": [0, 1, 2, 3], "image_size": 32, "patch_size": 8}
+    cfg = cpu_preset().replace(mu=1.0, evolve_mu=False)
+    hp = search.initial_hparams(cfg, vit, 3)
+    hp["mu"]["remove"] = 1.0
+    hp, log, _ = search.mutate(hp, cfg, vit, random.Random(0))
+    assert hp["arch"]["blocks"] == [0, 1, 2] and "remove:3" in log
+
+
+def test_input_settings_mutate_within_allowed_sizes():
+    cfg = cpu_preset().replace(mu=1.0, evolve_mu=False)
+    hp = search.initial_hparams(cfg, LITE0, 10)
+    hp["mu"]["input"] = 1.0
+    rng = random.Random(0)
+    sizes = set()
+    for _ in range(30):
+        inputs, _ = search.mutate_inputs(hp, cfg, LITE0, rng)
+        sizes.add(inputs["image_size"])
+        hp = search.apply_inputs(hp, inputs)
+    assert sizes <= set(cfg.image_sizes) and len(sizes) > 1
+
+
+def test_parent_selection_prefers_the_best_path_and_decays_with_children():
+    rng = random.Random(0)
+    best = search.Member("best", {}, 0.9, 0.9)
+    other = search.Member("other", {}, 0.5, 0.5)
+    assert all(search.select_parent([best, other], [], rng).key == "best" for _ in range(100)), "0.5^0 = 1"
+    best.children = 1  # accepted half the time; otherwise the next path (0 children) is
+    picks = [search.select_parent([best, other], [], rng).key for _ in range(4000)]
+    assert abs(picks.count("best") / 4000 - 0.5) < 0.04
+    best.children, other.children = 10, 10
+    seeds = [search.Member("seed", {}, float("-inf"), 0.0)]
+    keys = {search.select_parent([best, other], seeds, rng).key for _ in range(300)}
+    assert "seed" in keys, "with every path saturated, the uniform fallback reaches the seeds"
+
+
+def test_accounted_params_divide_shared_components_among_live_users():
+    users = {"a": {"t1", "t2"}, "b": {"t1"}, "c": set()}
+    params = {"a": 100, "b": 40, "c": 10, "new": 7}
+    # As candidate of t3: a shared by t1,t2,t3 -> 100/3; b by t1,t3 -> 20; c only t3; new only t3.
+    assert search.accounted_params(params, users, "t3") == pytest.approx(100 / 3 + 20 + 10 + 7)
+    # As candidate of t1 (its own live path already counts it once).
+    assert search.accounted_params(params, users, "t1") == pytest.approx(50 + 40 + 10 + 7)
+
+
+def test_score_penalises_size_only_when_base_below_one():
+    cfg = cpu_preset()
+    assert search.score(0.8, 3e6, 3e6, cfg) == pytest.approx(0.8)
+    assert search.score(0.8, 3e6, 3e6, cfg.replace(base=0.3)) == pytest.approx(0.24)
+    assert search.score(0.8, 1.5e6, 3e6, cfg.replace(base=0.3)) > search.score(0.8, 3e6, 3e6, cfg.replace(base=0.3))
