@@ -18,6 +18,8 @@ def cmd_evolve(ctx: "cli.Context") -> int:
     if a.device:
         changes["device"] = a.device
     cfg = cfg.replace(**changes)
+    if a.image_size:
+        cfg.defaults["image_size"] = a.image_size
     names = a.task or None
     if names:
         known = {t["name"] for t in system.tasks_json()}
@@ -26,7 +28,7 @@ def cmd_evolve(ctx: "cli.Context") -> int:
             raise cli.CliError(f"no task named {missing[0]!r}")
     from .worker import run_workers
 
-    summaries = run_workers(system, cfg, a.workers, nice=a.nice, metrics_port=a.metrics_port, names=names,
+    summaries = run_workers(system, cfg, a.workers, nice=a.nice, metrics_port=a.metrics_port, names=names, ttl=a.lease_ttl,
                             iterations=None if a.forever else a.iterations, progress=not ctx.json)
     if ctx.json:
         ctx.print_json(summaries or [])
@@ -46,10 +48,13 @@ def register(subparsers) -> None:
     p.add_argument("--generations", type=int, metavar="G", help="generations per visit")
     p.add_argument("--candidates", type=int, metavar="C", help="candidates per generation")
     p.add_argument("--max-epochs", type=float, metavar="E", help="passes over the training split per candidate")
+    p.add_argument("--image-size", type=int, metavar="PX", help="image size of new paths (default: the preset's)")
     p.add_argument("--threads", type=int, help="torch threads per worker (default: cores / workers)")
     p.add_argument("--device", help="cpu or cuda (default: cuda when available)")
     p.add_argument("--seed", type=int)
     p.add_argument("--nice", type=int, default=10, help="lower the workers' priority so a server on the same machine stays fast (default 10)")
+    p.add_argument("--lease-ttl", type=float, default=120.0, metavar="SECONDS",
+                   help="a dead worker's task is free again after this long (default 120; renewed every third of it)")
     p.add_argument("--metrics-port", type=int, metavar="PORT", help="serve Prometheus metrics of this evolver")
     cli.EXAMPLES.extend([
         ("munet evolve --iterations 1", "one visit of every task with the cpu preset"),

@@ -161,6 +161,8 @@ def cli_main_stdout(home: Path, *args: str) -> str:
 
     buf = io.StringIO()
     with pytest.MonkeyPatch.context() as mp, contextlib.redirect_stdout(buf):
+        for key in [k for k in os.environ if k.startswith("MUNET_")]:
+            mp.delenv(key)
         mp.setenv("MUNET_HOME", str(home))
         assert cli.main(list(args)) == 0
     return buf.getvalue()

@@ -26,10 +26,10 @@ from alembic.runtime.migration import MigrationContext
 from sqlalchemy import func, select, update
 
 from conftest import make_settings
-from munet.storage import blobs, commit, gc, lineage
+from munet.storage import commit, gc, lineage
 from munet.storage.blobs import BlobError, LayerStore
 from munet.storage.commit import CommitError, LeaseLost, NewComponent, PathRecord
-from munet.storage.schema import (ROOT_LOCK, Base, Component, ComponentLock, LiveHistory, PathComponent, PathRow,
+from munet.storage.schema import (ROOT_LOCK, Base, Component, LiveHistory, PathComponent, PathRow,
                                   Root, Task)
 from munet.system import System
 
