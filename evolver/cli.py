@@ -35,7 +35,27 @@ def cmd_evolve(ctx: "cli.Context") -> int:
     return 0 if not any(s.get("error") for s in summaries or []) else 1
 
 
+QUICKSTART_BUDGET = {"generations": 2, "candidates": 3}
+
+
+def qs_evolve(ctx: "cli.Context") -> None:
+    """Quickstart: evolve the demo task once (a short visit) unless it already has a live path."""
+    system = ctx.system()
+    info = system.task_json(cli.QUICKSTART_TASK)
+    if info["live_path"]:
+        ctx.console.print(f"[bold]4.[/] task {info['name']} is evolved already (score {info['live_path']['score']:.4f}); "
+                          "`munet evolve` improves it further")
+        return
+    from .worker import run_workers
+
+    ctx.console.print(f"[bold]4.[/] evolving {info['name']}: one short muNet visit "
+                      f"({QUICKSTART_BUDGET['generations']} generations x {QUICKSTART_BUDGET['candidates']} candidates)")
+    cfg = default_config().replace(**QUICKSTART_BUDGET)
+    run_workers(system, cfg, 1, names=[info["name"]], iterations=1, progress=True)
+
+
 def register(subparsers) -> None:
+    cli.add_quickstart_step("evolve", qs_evolve)
     p = cli.add_command(subparsers, "evolve", cmd_evolve,
                         "evolve tasks with muNet: claim a task, run one visit, commit the winner, repeat",
                         json_flag=True)

@@ -9,7 +9,7 @@ import time
 from dataclasses import dataclass, field
 
 import torch
-from sqlalchemy import select
+from sqlalchemy import select, update
 from torch import nn
 from tqdm import tqdm
 
@@ -70,9 +70,10 @@ class Visit:
         self.modules = modules if modules is not None else {}
         self.lease_token, self.visit_id, self.worker = lease_token, visit_id, worker
         self.progress, self.should_stop, self.on_candidate = progress, should_stop, on_candidate
-        self.rng = random.Random(f"{cfg.seed}:{task_name}:{time.time_ns()}")
         self.entries: dict[str, Entry] = {}
         self.committed_live = False
+        self._root_flops: float | None = None
+        self.examples = 0
 
     # -- loading ------------------------------------------------------------------------
     def _load(self) -> None:
@@ -83,6 +84,8 @@ class Visit:
             if task is None or task.status == "deleted":
                 raise KeyError(f"no task named {self.task_name!r}")
             self.task_id, self.num_classes = task.id, len(task.classes)
+            # Reproducible per (seed, task, visit number), yet different on every visit.
+            self.rng = random.Random(f"{self.cfg.seed}:{self.task_name}:{task.visits}:{task.candidates_tried}")
             root = s.get(Root, task.root_id)
             self.root_id, self.root_config, self.root_params = root.id, root.config, root.root_params
             self.root_path_id = root.root_path_id
@@ -201,10 +204,19 @@ class Visit:
         return Slot(new_id(), name, dict(meta), module, False, False, None)
 
     # -- scoring ------------------------------------------------------------------------
-    def score_factor(self, slots: dict[str, Slot]) -> tuple[float, float]:
+    def score_factor(self, slots: dict[str, Slot], image_size: int) -> tuple[float, float]:
+        """The score per unit of validation accuracy, and the accounted parameters."""
         params = {s.id: models.count_params(s.module) for s in slots.values()}
         accounted = search.accounted_params(params, self.users, self.task_name)
-        return search.score(1.0, accounted, self.root_params, self.cfg), accounted
+        flops = root_flops = None
+        if self.cfg.flops_base != 1.0:  # µ2Net+ compute factor, against the root at the default size
+            flops = count_flops([s.module for s in slots.values()], image_size, self.cfg.device)
+            if self._root_flops is None:
+                root = self._committed_entry(self.root_path_id)
+                self._root_flops = count_flops([s.module for s in root.slots.values()],
+                                               self.cfg.defaults["image_size"], self.cfg.device)
+            root_flops = self._root_flops
+        return search.score(1.0, accounted, self.root_params, self.cfg, flops, root_flops), accounted
 
     # -- the loop -----------------------------------------------------------------------
     def run(self) -> dict:
@@ -231,7 +243,7 @@ class Visit:
             bar.close()
         result = self._finish()
         result.update({"task": self.task_name, "candidates": tried, "improved": improved,
-                       "seconds": time.perf_counter() - t0, "cache_hits": self.cache.hits, "cache_misses": self.cache.misses})
+                       "seconds": time.perf_counter() - t0, "examples": self.examples, "cache_hits": self.cache.hits, "cache_misses": self.cache.misses})
         return result
 
     def _pick(self) -> tuple[Entry, dict, list[str], set[int], bool]:
@@ -259,11 +271,12 @@ class Visit:
         self._member(parent).children += 1
         path_id = new_id()
         cand, slots, actions = self.build(parent, hp, clones, path_id)
-        factor, accounted = self.score_factor(slots)
+        factor, accounted = self.score_factor(slots, hp["arch"]["image_size"])
         start = parent.score + self.cfg.min_improvement if parent.same_task else float("-inf")
         status, result = "error", None
         try:
             result = train_candidate(cand, self.data, self.cfg, self.cache, factor, start)
+            self.examples += result.examples
             status = "improved" if result.improved else "discarded"
         except (RuntimeError, ValueError) as e:  # a broken candidate must not end the visit
             log.warning("candidate of %s failed: %s", self.task_name, e)
@@ -296,6 +309,7 @@ class Visit:
                                examples=result.examples if result else 0, seconds=result.seconds if result else 0.0,
                                outcome=status)
             s.add(row)
+            s.execute(update(Task).where(Task.id == self.task_id).values(candidates_tried=Task.candidates_tried + 1))
             s.flush()
             return row.id
 
@@ -324,7 +338,7 @@ class Visit:
         test_acc = accuracy(cand.modules[cand.first_trainable:], test_h, self.data.y["test"].to(test_h.device), self.cfg.eval_batch_size)
         probe_x = self.data.x["val"][:PROBE_SIZE]
         probe = {"inputs": probe_x, "logits": logits(cand.modules, probe_x, size, self.data.mean, self.data.std, PROBE_SIZE, self.cfg.device)}
-        _, accounted = self.score_factor(entry.slots)
+        _, accounted = self.score_factor(entry.slots, size)
         new = [commit_mod.NewComponent(name=s.name, tensors={k: v.detach().cpu() for k, v in s.module.state_dict().items()},
                                        meta=s.meta, parent_id=s.origin, num_params=models.count_params(s.module), id=s.id)
                for s in entry.slots.values() if not s.committed]

@@ -168,7 +168,8 @@ def visit_line(r: dict) -> str:
         return f"visit {r['task']}: FAILED {r['error']}"
     acc = lambda v: "-" if v is None else f"{v:.4f}"  # noqa: E731
     params = r.get("accounted_params")
-    return (f"visit {r['task']}: {r['candidates']} candidates ({r['improved']} improved) in {r['seconds']:.0f}s; "
+    rate = f"{3600 * r['candidates'] / r['seconds']:.0f} candidates/h, {r.get('examples', 0) / r['seconds']:.0f} train images/s"
+    return (f"visit {r['task']}: {r['candidates']} candidates ({r['improved']} improved) in {r['seconds']:.0f}s ({rate}); "
             f"live score {acc(r.get('score'))} val {acc(r.get('val_acc'))} test {acc(r.get('test_acc'))} "
             f"params {params / 1e6 if params else 0:.2f}M {'(new live path)' if r.get('moved') else '(unchanged)'}")
 

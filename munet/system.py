@@ -9,7 +9,6 @@ from __future__ import annotations
 import datetime as dt
 from pathlib import Path as FilePath
 
-import torch
 from sqlalchemy import func, select
 from torch import nn
 
@@ -24,6 +23,7 @@ class System:
         self.settings = settings or Settings.from_env()
         self.engine = db.make_engine(self.settings.db_url)
         self.Session = db.sessions(self.engine)
+        self.ReadSession = db.read_sessions(self.engine)
         self.store = blobs.LayerStore(self.settings.store_url)
 
     # -- setup -----------------------------------------------------------------
@@ -96,18 +96,18 @@ class System:
 
     # -- views -----------------------------------------------------------------
     def task_json(self, name: str) -> dict:
-        with self.Session() as s:
+        with self.ReadSession() as s:
             task = s.scalar(select(Task).where(Task.name == name))
             if task is None:
                 raise KeyError(f"no task named {name!r}")
             return task_view(s, task)
 
     def tasks_json(self) -> list[dict]:
-        with self.Session() as s:
+        with self.ReadSession() as s:
             return [task_view(s, t) for t in lineage.active_tasks(s)]
 
     def system_json(self) -> dict:
-        with self.Session() as s:
+        with self.ReadSession() as s:
             return lineage.system_summary(s)
 
 

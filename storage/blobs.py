@@ -61,5 +61,18 @@ class LayerStore:
                 out[name.removesuffix(".safetensors")] = float(getattr(mtime, "timestamp", lambda: mtime)())
         return out
 
+    def stale_temps(self, older_than: float) -> list[str]:
+        """Temp files of writers that died mid-write (never visible as blobs)."""
+        import time
+
+        now, out = time.time(), []
+        for info in self.fs.find(self.root, detail=True).values():
+            name = info["name"].rsplit("/", 1)[-1]
+            mtime = info.get("mtime") or info.get("created") or 0
+            mtime = float(getattr(mtime, "timestamp", lambda: mtime)())
+            if name.startswith(".tmp-") and now - mtime > older_than:
+                out.append(info["name"])
+        return out
+
     def delete(self, digest: str) -> None:
         self.fs.rm(self.path(digest))

@@ -37,11 +37,17 @@ def _sqlite_pragmas(engine: Engine) -> None:
 
     @event.listens_for(engine, "begin")
     def _begin(conn):
-        conn.exec_driver_sql("BEGIN IMMEDIATE")
+        # Read-only sessions (`read_sessions`) begin DEFERRED so they never queue behind writers.
+        conn.exec_driver_sql("BEGIN" if conn.get_execution_options().get("munet_readonly") else "BEGIN IMMEDIATE")
 
 
 def sessions(engine: Engine) -> sessionmaker[Session]:
     return sessionmaker(engine, expire_on_commit=False)
+
+
+def read_sessions(engine: Engine) -> sessionmaker[Session]:
+    """Sessions for queries only: on SQLite they take no write lock."""
+    return sessionmaker(engine.execution_options(munet_readonly=True), expire_on_commit=False)
 
 
 def alembic_config(engine: Engine) -> Config:

@@ -46,5 +46,9 @@ def collect(Session: sessionmaker[Session], store: LayerStore, grace_seconds: fl
         if not dry_run:
             freed += store.fs.size(store.path(digest))
             store.delete(digest)
+    temps = store.stale_temps(grace_seconds)
+    if not dry_run:
+        for name in temps:
+            store.fs.rm(name)
     return {"blobs": len(on_disk), "kept": len(on_disk) - len(doomed), "deleted": len(doomed),
-            "bytes_freed": freed, "dry_run": dry_run}
+            "bytes_freed": freed, "temp_files_removed": len(temps), "dry_run": dry_run}

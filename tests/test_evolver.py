@@ -143,3 +143,9 @@ def test_baselines_train_only_their_plan_and_report_budget(two_tasks):
     assert head["trained_params"] < 20_000 < 3_000_000 < full["trained_params"]
     assert full["examples"] == 2 * head["examples"]  # two runs, same per-run budget
     assert len(full["runs"]) == 2 and two_tasks.task_json("b")["live_path"]["id"] == full["path_id"]
+
+
+def test_flops_factor_lowers_scores_below_accuracy_when_enabled(two_tasks):
+    result = Visit(two_tasks, "a", tiny_config(flops_base=0.5), progress=False).run()
+    live = two_tasks.task_json("a")["live_path"]
+    assert live["flops"] > 0 and live["score"] < live["val_acc"] and result["score"] == live["score"]
