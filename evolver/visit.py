@@ -73,6 +73,7 @@ class Visit:
         self.entries: dict[str, Entry] = {}
         self.committed_live = False
         self._root_flops: float | None = None
+        self._chains: dict[str, list[str]] = {}  # committed path -> its ancestry (immutable)
         self.examples = 0
 
     # -- loading ------------------------------------------------------------------------
@@ -150,8 +151,10 @@ class Visit:
             yield entry
             entry = entry.parent
         if entry is not None:
-            with self.system.Session() as s:
-                chain = [p.id for p in lineage.ancestry(s, entry.path_id)]
+            chain = self._chains.get(entry.path_id)
+            if chain is None:
+                with self.system.ReadSession() as s:
+                    chain = self._chains[entry.path_id] = [p.id for p in lineage.ancestry(s, entry.path_id)]
             for pid in chain:
                 yield self._committed_entry(pid)
         yield self._committed_entry(self.root_path_id)
