@@ -11,6 +11,7 @@ import logging
 import multiprocessing as mp
 import os
 import socket
+import sys
 import threading
 import time
 from dataclasses import dataclass
@@ -152,6 +153,10 @@ def _visit(system, cfg, lease: Lease, worker: str, ttl: float, cache, modules, p
         log.exception("visit of %s failed", lease.task)
         error = f"{type(e).__name__}: {e}"
         summary = {"task": lease.task, "error": error}
+    except BaseException:  # Ctrl-C: hand the task back now instead of after the lease runs out
+        beat.done.set()
+        release(system.Session, lease, visited=False)
+        raise
     finally:
         beat.done.set()
     release(system.Session, lease, visited=True, error=error)  # a failing task must not be retried forever
@@ -159,7 +164,8 @@ def _visit(system, cfg, lease: Lease, worker: str, ttl: float, cache, modules, p
         row = s.get(VisitRow, visit_id)
         row.finished_at, row.outcome, row.best_score = utcnow(), "error" if error else "done", summary.get("score")
     VISITS.labels(task=lease.task, outcome="error" if error else "done").inc()
-    print(visit_line(summary), flush=True)
+    # With progress bars off (--json) stdout is for the JSON result only.
+    print(visit_line(summary), file=sys.stdout if progress else sys.stderr, flush=True)
     return summary
 
 
@@ -212,16 +218,16 @@ class _TaskWaker:
             time.sleep(timeout)
 
 
-def _spawned(settings: Settings, cfg: EvolverConfig, kwargs: dict, threads: int, nice: int) -> None:
+def _spawned(settings: Settings, cfg: EvolverConfig, kwargs: dict, threads: int, nice: int, results) -> None:
     from munet.system import System
 
     if nice:
         os.nice(nice)
     torch.set_num_threads(threads)
-    run_worker(System(settings), cfg, **kwargs)
+    results.put(run_worker(System(settings), cfg, **kwargs))
 
 
-def run_workers(system, cfg: EvolverConfig, workers: int, *, nice: int = 0, metrics_port: int | None = None, **kwargs) -> None:
+def run_workers(system, cfg: EvolverConfig, workers: int, *, nice: int = 0, metrics_port: int | None = None, **kwargs) -> list[dict]:
     """`munet evolve --workers N`: N processes sharing one set of visit targets."""
     if metrics_port:
         start_metrics(metrics_port)
@@ -233,11 +239,19 @@ def run_workers(system, cfg: EvolverConfig, workers: int, *, nice: int = 0, metr
         torch.set_num_threads(threads)
         return run_worker(system, cfg, **kwargs)
     ctx = mp.get_context("spawn")
+    results = ctx.Queue()
     procs = [ctx.Process(target=_spawned, args=(system.settings, cfg, dict(kwargs, worker=f"{socket.gethostname()}:{os.getpid()}:{i}"),
-                                                threads, nice)) for i in range(workers)]
+                                                threads, nice, results)) for i in range(workers)]
     for p in procs:
         p.start()
+    summaries = []
+    while any(p.is_alive() for p in procs) or not results.empty():
+        try:
+            summaries += results.get(timeout=1)
+        except Exception:  # noqa: BLE001 - queue.Empty: keep waiting for the workers
+            pass
     for p in procs:
         p.join()
     if any(p.exitcode for p in procs):
         raise RuntimeError(f"{sum(1 for p in procs if p.exitcode)} of {workers} workers failed")
+    return summaries
