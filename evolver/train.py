@@ -7,6 +7,7 @@ reused across epochs and candidates (a bounded cache) when inputs are not random
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 import time
@@ -24,6 +25,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from munet.models import preprocess
 
 from .config import EvolverConfig
+from .fastconv import small_map_convs
 from .search import augments
 
 
@@ -259,25 +261,27 @@ def train_candidate(cand: Candidate, data: TaskData, cfg: EvolverConfig, cache: 
     cursor = 0
     for interval in range(intervals):
         set_modes(cand, training=True)
-        for _ in range(steps_per_interval):
-            if cursor >= n:
-                order, cursor = torch.randperm(n, generator=gen), 0
-            idx = order[cursor:cursor + cfg.batch_size]
-            cursor += len(idx)
-            if per_batch:
-                xb = _augmented_batch(data.x["train"][idx], aug, size) if random_inputs else data.x["train"][idx]
-                hb = run_frozen(prefix, xb, size, data.mean, data.std, len(idx), device)
-            else:
-                hb = h_train[idx.to(h_train.device)]
-            for g in opt.param_groups:
-                g["lr"] = lr_at(step, total, steps_per_interval, hp["opt"])
-            loss = F.cross_entropy(_forward(suffix, hb), y_train[idx].to(device))
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(list(params.values()), cfg.grad_clip)
-            opt.step()
-            step += 1
-            examples += len(idx)
+        # Convs on tiny maps as matmuls while training (evolver/fastconv.py); eval uses stock layers.
+        with small_map_convs(suffix) if device == "cpu" else contextlib.nullcontext():
+            for _ in range(steps_per_interval):
+                if cursor >= n:
+                    order, cursor = torch.randperm(n, generator=gen), 0
+                idx = order[cursor:cursor + cfg.batch_size]
+                cursor += len(idx)
+                if per_batch:
+                    xb = _augmented_batch(data.x["train"][idx], aug, size) if random_inputs else data.x["train"][idx]
+                    hb = run_frozen(prefix, xb, size, data.mean, data.std, len(idx), device)
+                else:
+                    hb = h_train[idx.to(h_train.device)]
+                for g in opt.param_groups:
+                    g["lr"] = lr_at(step, total, steps_per_interval, hp["opt"])
+                loss = F.cross_entropy(_forward(suffix, hb), y_train[idx].to(device))
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(list(params.values()), cfg.grad_clip)
+                opt.step()
+                step += 1
+                examples += len(idx)
         set_modes(cand, training=False)
         acc = accuracy(suffix, h_val, data.y["val"].to(h_val.device), cfg.eval_batch_size)
         sc = acc * score_factor

@@ -1,0 +1,322 @@
+"""The executor: the table of served paths, one module cache, and cross-task batching.
+
+A batch holds images of many tasks. Each image is preprocessed with its path's own
+settings (`models.preprocess`, the evaluator's function), then images are grouped by input
+shape and every group walks the paths' stages (`models.stages`) from the bottom: while the
+component ids of the group's paths agree at a position, that component runs once on the
+union of their inputs; where they diverge the batch splits and each part continues alone
+(parts are not merged again if their paths converge later). Outputs match running each
+request alone up to float rounding (atol 1e-4, same top-1; bit equality across batch
+sizes is not achievable on CPU).
+
+The table is replaced, never mutated: a reader takes one snapshot per batch, so a swap is
+atomic and an in-flight batch finishes on the path it started with. A swapped-out path is
+kept `grace` seconds so that requests already routed to it finish on it too; after that
+its components are released from the cache unless another served path uses them.
+"""
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import OrderedDict
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from torch import nn
+
+from munet import models
+
+from . import metrics
+
+log = logging.getLogger("munet.server")
+
+
+@dataclass(frozen=True)
+class Served:
+    """One path in service for one task."""
+
+    task: str
+    path_id: str
+    path: models.Path
+    channels: int  # 1 for tasks trained on greyscale images, else 3
+    score: float | None = None
+    val_acc: float | None = None
+    test_acc: float | None = None
+    accounted_params: float | None = None
+    since: float = field(default_factory=time.time)
+
+    @property
+    def image_size(self) -> int:
+        return self.path.image_size
+
+    @property
+    def classes(self) -> list[str]:
+        return self.path.classes
+
+    @property
+    def ids(self) -> list[str]:
+        return self.path.ids
+
+
+@dataclass(frozen=True)
+class TaskState:
+    """What the executor knows about a task that exists in SQL (served or not)."""
+
+    name: str
+    status: str
+    live_path_id: str | None
+    channels: int
+    classes: tuple[str, ...]
+    error: str | None = None  # why its live path is not served (probe mismatch, load error)
+
+
+@dataclass(frozen=True)
+class Table:
+    tasks: dict[str, TaskState]          # every active task
+    current: dict[str, Served]           # task -> served path
+    held: dict[str, Served]              # path id -> served path (current and retiring)
+    retiring: dict[str, float]           # path id -> release time
+    version: int = 0
+
+
+@dataclass
+class Item:
+    """One image of a request, as the gateway hands it over."""
+
+    task: str
+    pixels: np.ndarray  # uint8 [H, W, C]
+    path_id: str | None = None  # the path the gateway resolved for the request
+    top: int = 5
+
+
+@dataclass
+class Result:
+    path_id: str | None = None
+    top: list[tuple[int, float]] = field(default_factory=list)  # (label, probability), best first
+    error: str | None = None
+    detail: str | None = None
+
+
+@dataclass
+class Stats:
+    runs: int = 0
+    saved: int = 0
+    runs_by_component: dict[str, int] = field(default_factory=dict)
+
+
+@dataclass
+class _Job:
+    ids: list[str]
+    modules: list[nn.Module]
+    x: torch.Tensor
+
+
+@torch.inference_mode()
+def run_shared(jobs: list[tuple[list[str], list[nn.Module], torch.Tensor]], stats: Stats | None = None) -> list[torch.Tensor]:
+    """Run (component ids, modules, preprocessed input) jobs; jobs whose inputs have the same
+    shape share every common leading stage. Returns one output per job, in order."""
+    stats = stats if stats is not None else Stats()
+    work = [_Job(list(ids), list(mods), x) for ids, mods, x in jobs]
+    out: list[torch.Tensor | None] = [None] * len(work)
+    by_shape: OrderedDict[tuple, list[int]] = OrderedDict()
+    for i, job in enumerate(work):
+        by_shape.setdefault(tuple(job.x.shape[1:]), []).append(i)
+    for members in by_shape.values():
+        x = torch.cat([work[m].x for m in members]) if len(members) > 1 else work[members[0]].x
+        _walk(work, members, 0, x, out, stats)
+    return out  # type: ignore[return-value]
+
+
+def _walk(work: list[_Job], members: list[int], pos: int, h: torch.Tensor, out: list, stats: Stats) -> None:
+    while True:
+        if any(len(work[m].ids) <= pos for m in members):
+            break
+        cid = work[members[0]].ids[pos]
+        if any(work[m].ids[pos] != cid for m in members):
+            break
+        h = work[members[0]].modules[pos](h)
+        stats.runs += 1
+        stats.runs_by_component[cid] = stats.runs_by_component.get(cid, 0) + 1
+        # Running each distinct path alone would have run this stage once per path.
+        stats.saved += len({tuple(work[m].ids) for m in members}) - 1
+        pos += 1
+    sizes = [work[m].x.shape[0] for m in members]
+    parts = dict(zip(members, h.split(sizes)))
+    groups: OrderedDict[str | None, list[int]] = OrderedDict()
+    for m in members:
+        groups.setdefault(work[m].ids[pos] if len(work[m].ids) > pos else None, []).append(m)
+    for key, group in groups.items():
+        if key is None:
+            for m in group:
+                out[m] = parts[m]
+            continue
+        hh = torch.cat([parts[m] for m in group]) if len(group) > 1 else parts[group[0]]
+        _walk(work, group, pos, hh, out, stats)
+
+
+def module_bytes(module: nn.Module) -> int:
+    return sum(t.numel() * t.element_size() for t in list(module.parameters()) + list(module.buffers()))
+
+
+class Executor:
+    """Holds the table and the module cache; `infer` runs one batch of items."""
+
+    def __init__(self, grace: float = 30.0):
+        self.grace = grace
+        self.cache: dict[str, nn.Module] = {}
+        self.table = Table({}, {}, {}, {})
+        self._lock = threading.RLock()  # writers only; readers take `self.table` once
+        self.last_stats = Stats()
+
+    # -- the table (written by the swap listener) ----------------------------------------------
+    def snapshot(self) -> Table:
+        return self.table
+
+    def _publish(self, tasks=None, current=None, held=None, retiring=None) -> None:
+        t = self.table
+        self.table = Table(t.tasks if tasks is None else tasks, t.current if current is None else current,
+                           t.held if held is None else held, t.retiring if retiring is None else retiring,
+                           t.version + 1)
+
+    def set_tasks(self, tasks: dict[str, TaskState]) -> None:
+        with self._lock:
+            if tasks != self.table.tasks:
+                self._publish(tasks=tasks)
+
+    def install(self, served: Served, modules: dict[str, nn.Module]) -> Served | None:
+        """Make `served` the task's path (atomically); returns the path it replaced."""
+        with self._lock:
+            t = self.table
+            for cid in served.ids:
+                self.cache.setdefault(cid, modules[cid])
+            old = t.current.get(served.task)
+            current = dict(t.current)
+            current[served.task] = served
+            held = dict(t.held)
+            held[served.path_id] = served
+            retiring = dict(t.retiring)
+            retiring.pop(served.path_id, None)
+            if old is not None and old.path_id != served.path_id:
+                retiring[old.path_id] = time.monotonic() + self.grace
+            self._publish(current=current, held=held, retiring=retiring)
+            self._gauges()
+            return old
+
+    def remove(self, task: str) -> Served | None:
+        """Stop serving a task (deleted); its path retires like a swapped-out one."""
+        with self._lock:
+            t = self.table
+            old = t.current.get(task)
+            if old is None:
+                return None
+            current = {k: v for k, v in t.current.items() if k != task}
+            retiring = dict(t.retiring)
+            retiring[old.path_id] = time.monotonic() + self.grace
+            self._publish(current=current, retiring=retiring)
+            self._gauges()
+            return old
+
+    def release(self, now: float | None = None) -> int:
+        """Drop retired paths past their grace and the components no held path uses."""
+        now = time.monotonic() if now is None else now
+        with self._lock:
+            t = self.table
+            expired = [pid for pid, until in t.retiring.items() if until <= now]
+            if expired:
+                current_ids = {s.path_id for s in t.current.values()}
+                held = {pid: s for pid, s in t.held.items() if pid not in expired or pid in current_ids}
+                retiring = {pid: u for pid, u in t.retiring.items() if pid not in expired}
+                self._publish(held=held, retiring=retiring)
+            used = {cid for s in self.table.held.values() for cid in s.ids}
+            dropped = [cid for cid in self.cache if cid not in used]
+            for cid in dropped:
+                del self.cache[cid]
+            if dropped or expired:
+                self._gauges()
+            return len(dropped)
+
+    def _gauges(self) -> None:
+        metrics.SERVED_TASKS.set(len(self.table.current))
+        metrics.CACHE_COMPONENTS.set(len(self.cache))
+        metrics.CACHE_BYTES.set(sum(module_bytes(m) for m in self.cache.values()))
+
+    def cache_bytes(self) -> int:
+        return sum(module_bytes(m) for m in list(self.cache.values()))
+
+    # -- execution ------------------------------------------------------------------------------
+    def resolve(self, table: Table, task: str, path_id: str | None) -> Served | Result:
+        served = table.held.get(path_id) if path_id else None
+        if served is not None and served.task == task:
+            return served
+        served = table.current.get(task)
+        if served is not None:
+            return served
+        state = table.tasks.get(task)
+        if state is None:
+            return Result(error="unknown_task", detail=f"no task named {task!r}")
+        return Result(error="no_live_path", detail=no_path_detail(state))
+
+    def run_paths(self, requests: list[tuple[Served, torch.Tensor]], stats: Stats | None = None) -> list[torch.Tensor]:
+        """uint8 [n, H, W, C] batches, one per served path -> logits, via shared execution."""
+        jobs = []
+        for served, x in requests:
+            p = served.path
+            jobs.append((p.ids, p.modules, models.preprocess(x, p.image_size, p.mean, p.std)))
+        return run_shared(jobs, stats)
+
+    def infer(self, items: list[Item]) -> list[Result]:
+        """One batch of images of any tasks. Never raises for an item: errors are per item."""
+        t0 = time.perf_counter()
+        table = self.table
+        results: list[Result | None] = [None] * len(items)
+        groups: OrderedDict[tuple, list[int]] = OrderedDict()
+        chosen: dict[int, Served] = {}
+        for i, item in enumerate(items):
+            got = self.resolve(table, item.task, item.path_id)
+            if isinstance(got, Result):
+                results[i] = got
+                continue
+            px = item.pixels
+            if not isinstance(px, np.ndarray) or px.dtype != np.uint8 or px.ndim != 3 or px.shape[2] not in (1, 3) \
+                    or px.shape[0] < 1 or px.shape[1] < 1:
+                results[i] = Result(error="invalid_image", detail="pixels must be uint8 [H, W, 1 or 3]")
+                continue
+            chosen[i] = got
+            groups.setdefault((got.path_id, px.shape), []).append(i)
+        if groups:
+            requests, members = [], []
+            for (pid, _shape), idx in groups.items():
+                x = torch.from_numpy(np.stack([items[i].pixels for i in idx]))
+                requests.append((chosen[idx[0]], x))
+                members.append(idx)
+            stats = Stats()
+            logits = self.run_paths(requests, stats)
+            self.last_stats = stats
+            metrics.STAGE_RUNS.inc(stats.runs)
+            metrics.STAGE_RUNS_SAVED.inc(stats.saved)
+            for idx, lg in zip(members, logits):
+                probs = torch.softmax(lg.float(), dim=1)
+                for row, i in enumerate(idx):
+                    k = max(1, min(int(items[i].top), probs.shape[1]))
+                    values, labels = probs[row].topk(k)
+                    results[i] = Result(path_id=chosen[i].path_id,
+                                        top=[(int(lab), float(v)) for lab, v in zip(labels.tolist(), values.tolist())])
+            n = sum(len(idx) for idx in members)
+            metrics.BATCH_SIZE.observe(n)
+            metrics.BATCH_TASKS.observe(len({chosen[i].task for i in chosen}))
+        metrics.BATCH_LATENCY.observe(time.perf_counter() - t0)
+        return results  # type: ignore[return-value]
+
+    def logits_of(self, served: Served, x_uint8: torch.Tensor) -> torch.Tensor:
+        """One path alone on uint8 [n, H, W, C] (the probe check and warm-up)."""
+        return self.run_paths([(served, x_uint8)])[0].float()
+
+
+def no_path_detail(state: TaskState) -> str:
+    if state.error:
+        return f"task {state.name!r} ({state.status}) has no servable path: {state.error}"
+    if state.live_path_id:
+        return f"task {state.name!r} ({state.status}): its live path is being loaded; retry shortly"
+    return f"task {state.name!r} has no live path yet (status {state.status}); the evolver makes the first one"
