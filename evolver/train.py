@@ -252,7 +252,8 @@ def train_candidate(cand: Candidate, data: TaskData, cfg: EvolverConfig, cache: 
     steps_per_interval = min(cfg.batches_per_interval, math.ceil(n / cfg.batch_size))
     intervals = cfg.intervals
     if cfg.max_epochs is not None:
-        intervals = max(1, min(intervals, int(cfg.max_epochs * n / (steps_per_interval * cfg.batch_size) + 1e-9)))
+        # An interval is one epoch rounded up to whole batches: round, so "2 epochs" gives 2.
+        intervals = max(1, min(intervals, round(cfg.max_epochs * n / (steps_per_interval * cfg.batch_size))))
     total = steps_per_interval * intervals
     gen = torch.Generator().manual_seed(zlib.crc32(f"{cfg.seed}:{cand.ids}".encode()))
     best, best_acc, best_state, curve, examples, step = start_score, None, None, [], 0, 0

@@ -299,3 +299,49 @@ class SwapListener:
                           "at": f.at, "attempts": f.attempts, "retry": f.retry_at is not None}
                          for f in sorted(self.failures.values(), key=lambda f: -f.at)[:20]],
         }
+
+
+def route_table(executor: Executor, ready: bool, since: int = -1) -> dict:
+    """What the gateway needs to route a request: per task, the path in service (or why none),
+    its image channels and class names. Unchanged since `since`: only the version."""
+    from .executor import no_path_detail
+
+    t = executor.table
+    if since == t.version:
+        return {"version": t.version, "ready": ready}
+    tasks = {}
+    for name, st in t.tasks.items():
+        cur = t.current.get(name)
+        tasks[name] = {"status": st.status, "path_id": cur.path_id if cur else None, "live_path_id": st.live_path_id,
+                       "image_size": cur.image_size if cur else None, "channels": st.channels,
+                       "classes": list(st.classes), "detail": None if cur else no_path_detail(st)}
+    return {"version": t.version, "ready": ready, "tasks": tasks}
+
+
+class LocalBackend:
+    """The executor in the gateway's own process (tests, and `Gateway` without BentoML):
+    one batch at a time, no cross-request batching."""
+
+    def __init__(self, executor: Executor, listener: SwapListener):
+        self.executor, self.listener = executor, listener
+        self._lock = threading.Lock()
+
+    def _infer(self, items):
+        with self._lock:
+            return self.executor.infer(items)
+
+    async def infer(self, items):
+        from starlette.concurrency import run_in_threadpool
+
+        return await run_in_threadpool(self._infer, items)
+
+    async def routes(self, since: int) -> dict:
+        return route_table(self.executor, self.listener.ready.is_set(), since)
+
+    async def status(self) -> dict:
+        return self.listener.status()
+
+    async def refresh(self) -> dict:
+        from starlette.concurrency import run_in_threadpool
+
+        return await run_in_threadpool(self.listener.sync)

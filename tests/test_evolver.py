@@ -149,3 +149,12 @@ def test_flops_factor_lowers_scores_below_accuracy_when_enabled(two_tasks):
     result = Visit(two_tasks, "a", tiny_config(flops_base=0.5), progress=False).run()
     live = two_tasks.task_json("a")["live_path"]
     assert live["flops"] > 0 and live["score"] < live["val_acc"] and result["score"] == live["score"]
+
+
+def test_cpu_preset_candidates_train_two_full_epochs(two_tasks):
+    cfg = tiny_config(max_epochs=2.0, candidates=1)
+    Visit(two_tasks, "a", cfg, progress=False).run()
+    with two_tasks.Session() as s:
+        row = s.scalars(select(CandidateRow)).first()
+    n_train = 270  # 300 images less the 10% validation split
+    assert row.examples == 2 * n_train and len(row.val_curve) == 2, "validated after each of the two epochs"
