@@ -220,6 +220,7 @@ class SwapListener:
         committed = self.committed_at.pop((task, path_id), None) or self._committed_at(task_id, path_id)
         served = Served(task, path_id, path, channels, score=row.score, val_acc=row.val_acc, test_acc=row.test_acc,
                         accounted_params=row.accounted_params, since=time.time())
+        built = len({c for c in path.ids if c not in self.executor.cache})
         old = self.executor.install(served, {cid: staging[cid] for cid in path.ids})
         self.failures.pop(path_id, None)
         self.swaps += 1
@@ -227,8 +228,9 @@ class SwapListener:
         if committed is not None:
             metrics.SWAP_LATENCY.observe(max(0.0, served.since - committed))
         metrics.set_live(task, row.score, row.val_acc, row.test_acc, row.accounted_params, served.since)
-        log.info("task %s now served by path %s (was %s; %.2fs to load and check)", task, path_id,
-                 old.path_id if old else None, time.time() - t0)
+        log.info("task %s now served by path %s (was %s; %d of %d components loaded, the rest cached; "
+                 "%.2fs to load and check)", task, path_id, old.path_id if old else None, built, len(set(path.ids)),
+                 time.time() - t0)
         return True
 
     def check_probe(self, served: Served, row: PathRow) -> None:
