@@ -20,7 +20,7 @@ import threading
 import time
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
-from typing import Annotated, Any, Literal, Protocol
+from typing import Annotated, Any, Protocol
 
 import numpy as np
 from fastapi import Depends, FastAPI, File, Form, Path, Request, UploadFile
@@ -259,7 +259,7 @@ class Gateway:
                 await self.refresh_routes()
             info = self.tasks.get(task)
             if info is None or not info.get("path_id"):
-                await self.refresh_routes(min_age=0.2)  # a task (or its first path) may be brand new
+                await self.refresh_routes()  # a task (or its first path) may be brand new; cheap when unchanged
                 info = self.tasks.get(task)
         except Exception as e:  # noqa: BLE001
             raise unavailable("executor_unavailable", f"the executor is not reachable ({type(e).__name__})") from None
@@ -699,6 +699,12 @@ def create_app() -> FastAPI:
         return view
 
     # -- operations ------------------------------------------------------------------------
+    @app.get("/ui", tags=["operations"], include_in_schema=False)
+    async def web_page():
+        from fastapi.responses import FileResponse
+
+        return FileResponse(os.path.join(os.path.dirname(__file__), "static", "index.html"), media_type="text/html")
+
     @app.get("/status", tags=["operations"], responses=ERRORS,
              summary="Serving state: tasks and their paths, database and Redis health, cache, swap failures")
     async def status() -> dict:

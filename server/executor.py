@@ -115,45 +115,56 @@ class _Job:
 
 @torch.inference_mode()
 def run_shared(jobs: list[tuple[list[str], list[nn.Module], torch.Tensor]], stats: Stats | None = None) -> list[torch.Tensor]:
-    """Run (component ids, modules, preprocessed input) jobs; jobs whose inputs have the same
-    shape share every common leading stage. Returns one output per job, in order."""
+    """Run (component ids, modules, preprocessed input) jobs; each component runs once on the
+    union of the jobs that reach it with inputs of the same shape. Returns one output per job.
+
+    Jobs walk their paths from the bottom. A group is a set of jobs whose activations sit in
+    one tensor; before every step groups split where their next components differ. The next
+    component to run is one that no job needs later in its path (paths list components in
+    one global order: stem, blocks by index, neck, final norm, head), so paths that diverge
+    (a dropped block, a private clone) and converge again share the later stages too.
+    """
     stats = stats if stats is not None else Stats()
     work = [_Job(list(ids), list(mods), x) for ids, mods, x in jobs]
     out: list[torch.Tensor | None] = [None] * len(work)
-    by_shape: OrderedDict[tuple, list[int]] = OrderedDict()
-    for i, job in enumerate(work):
-        by_shape.setdefault(tuple(job.x.shape[1:]), []).append(i)
-    for members in by_shape.values():
-        x = torch.cat([work[m].x for m in members]) if len(members) > 1 else work[members[0]].x
-        _walk(work, members, 0, x, out, stats)
-    return out  # type: ignore[return-value]
-
-
-def _walk(work: list[_Job], members: list[int], pos: int, h: torch.Tensor, out: list, stats: Stats) -> None:
+    ptr = [0] * len(work)
+    groups: list[tuple[list[int], torch.Tensor]] = [([i], job.x) for i, job in enumerate(work)]
     while True:
-        if any(len(work[m].ids) <= pos for m in members):
-            break
-        cid = work[members[0]].ids[pos]
-        if any(work[m].ids[pos] != cid for m in members):
-            break
-        h = work[members[0]].modules[pos](h)
+        # Split groups whose members go different ways; finished jobs leave.
+        split: list[tuple[list[int], torch.Tensor]] = []
+        for members, h in groups:
+            parts = h.split([work[m].x.shape[0] for m in members]) if len(members) > 1 else (h,)
+            by_next: OrderedDict[str | None, list[tuple[int, torch.Tensor]]] = OrderedDict()
+            for m, part in zip(members, parts):
+                nxt = work[m].ids[ptr[m]] if ptr[m] < len(work[m].ids) else None
+                by_next.setdefault(nxt, []).append((m, part))
+            for nxt, pairs in by_next.items():
+                if nxt is None:
+                    for m, part in pairs:
+                        out[m] = part
+                elif len(pairs) == len(members):
+                    split.append((members, h))
+                else:
+                    split.append(([m for m, _ in pairs], torch.cat([p for _, p in pairs]) if len(pairs) > 1 else pairs[0][1]))
+        groups = split
+        if not groups:
+            return out  # type: ignore[return-value]
+        later = {cid for members, _ in groups for m in members for cid in work[m].ids[ptr[m] + 1:]}
+        first = next((g for g in groups if work[g[0][0]].ids[ptr[g[0][0]]] not in later), groups[0])
+        cid = work[first[0][0]].ids[ptr[first[0][0]]]
+        shape = tuple(first[1].shape[1:])
+        chosen = [g for g in groups if work[g[0][0]].ids[ptr[g[0][0]]] == cid and tuple(g[1].shape[1:]) == shape]
+        rest = [g for g in groups if not any(g is c for c in chosen)]
+        members = [m for g in chosen for m in g[0]]
+        h = torch.cat([g[1] for g in chosen]) if len(chosen) > 1 else chosen[0][1]
+        h = work[members[0]].modules[ptr[members[0]]](h)
         stats.runs += 1
         stats.runs_by_component[cid] = stats.runs_by_component.get(cid, 0) + 1
-        # Running each distinct path alone would have run this stage once per path.
+        # Running each distinct path alone would have run this component once per path.
         stats.saved += len({tuple(work[m].ids) for m in members}) - 1
-        pos += 1
-    sizes = [work[m].x.shape[0] for m in members]
-    parts = dict(zip(members, h.split(sizes)))
-    groups: OrderedDict[str | None, list[int]] = OrderedDict()
-    for m in members:
-        groups.setdefault(work[m].ids[pos] if len(work[m].ids) > pos else None, []).append(m)
-    for key, group in groups.items():
-        if key is None:
-            for m in group:
-                out[m] = parts[m]
-            continue
-        hh = torch.cat([parts[m] for m in group]) if len(group) > 1 else parts[group[0]]
-        _walk(work, group, pos, hh, out, stats)
+        for m in members:
+            ptr[m] += 1
+        groups = rest + [(members, h)]
 
 
 def module_bytes(module: nn.Module) -> int:

@@ -19,6 +19,7 @@ worker's Prometheus metrics (multiprocess mode; `server.metrics`).
 """
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 from typing import Annotated
@@ -151,24 +152,31 @@ class BentoBackend:
     def _client(self):
         return getattr(self.proxy, "to_async", self.proxy)
 
-    async def infer(self, items: list[Item]) -> list[Result]:
+    async def _call(self, name: str, *args, **kwargs):
+        """Call an executor API. Calls are idempotent, so a connection the executor closed
+        while idle (keep-alive race) or a restarting executor gets two more tries."""
         from bentoml.exceptions import BentoMLException
 
+        for attempt in range(3):
+            try:
+                return await getattr(self._client, name)(*args, **kwargs)
+            except BentoMLException as e:
+                code = int(getattr(e, "error_code", 500))
+                if code in (429, 503):
+                    raise api.Overloaded(str(e)) from None
+                raise api.Outage(f"the executor failed ({code})") from None
+            except Exception as e:  # noqa: BLE001 - aiohttp/httpx transport errors, OSError
+                transport = isinstance(e, OSError) or type(e).__module__.split(".")[0] in ("aiohttp", "httpx", "httpcore", "anyio")
+                if not transport:
+                    raise
+                if attempt == 2:
+                    raise api.Outage(f"the executor is not reachable ({type(e).__name__})") from None
+                await asyncio.sleep(0.05 * (attempt + 1))
+
+    async def infer(self, items: list[Item]) -> list[Result]:
         payload = [InferItem(task=i.task, path_id=i.path_id, pixels=i.pixels.tobytes(),
                              shape=tuple(int(d) for d in i.pixels.shape), top=i.top) for i in items]
-        try:
-            out = await self._client.infer(payload)
-        except BentoMLException as e:
-            code = int(getattr(e, "error_code", 500))
-            if code in (429, 503):
-                raise api.Overloaded(str(e)) from None
-            raise api.Outage(f"the executor failed ({code})") from None
-        except OSError as e:
-            raise api.Outage(f"the executor is not reachable ({type(e).__name__})") from None
-        except Exception as e:  # noqa: BLE001 - httpx transport errors and the like
-            if type(e).__module__.startswith(("httpx", "httpcore", "anyio")):
-                raise api.Outage(f"the executor is not reachable ({type(e).__name__})") from None
-            raise
+        out = await self._call("infer", payload)
         results = []
         for o in out:
             d = o if isinstance(o, dict) else o.model_dump()
@@ -179,13 +187,13 @@ class BentoBackend:
         return results
 
     async def routes(self, since: int) -> dict:
-        return await self._client.routes(since=since)
+        return await self._call("routes", since=since)
 
     async def status(self) -> dict:
-        return await self._client.status()
+        return await self._call("status")
 
     async def refresh(self) -> dict:
-        return await self._client.refresh()
+        return await self._call("refresh")
 
 
 @bentoml.service(name="Munet", workers=1, traffic={"timeout": 300})

@@ -63,7 +63,6 @@ def squares_npz(path: Path, classes: int, n_train: int = 40, n_test: int = 16, s
 
 
 def npz_bytes(classes: int, **kw) -> bytes:
-    import io
     import tempfile
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -233,9 +232,9 @@ class Server:
         req = urllib.request.Request(self.url + path, data=body, headers=headers or {}, method=method)
         try:
             with urllib.request.urlopen(req, timeout=timeout) as resp:
-                raw, code, hdrs = resp.read(), resp.status, dict(resp.headers)
+                raw, code, hdrs = resp.read(), resp.status, {k.lower(): v for k, v in resp.headers.items()}
         except urllib.error.HTTPError as e:
-            raw, code, hdrs = e.read(), e.code, dict(e.headers)
+            raw, code, hdrs = e.read(), e.code, {k.lower(): v for k, v in e.headers.items()}
         try:
             return code, json.loads(raw), hdrs
         except ValueError:
