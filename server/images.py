@@ -19,10 +19,10 @@ import re
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from munet.storage.datasets import flatten_image
+
 MAX_PIXELS = 40_000_000
 _FORMATS = ("PNG", "JPEG", "GIF", "BMP", "DIB", "TIFF", "WEBP", "PPM", "TGA", "ICO")
-_WIDE_MODES = {"I", "I;16", "I;16L", "I;16B", "I;16N", "F"}
-_ALPHA_MODES = {"RGBA", "RGBa", "LA", "La", "PA"}
 _DATA_URL = re.compile(r"^data:[a-zA-Z0-9.+/-]*(;[a-zA-Z0-9=.+-]+)*;base64,")
 
 
@@ -83,7 +83,8 @@ def to_array(im: Image.Image, channels: int = 3, what: str = "image") -> np.ndar
         try:
             im.seek(0)
             im.load()  # the first frame only
-            flat = _flatten(im, "L" if channels == 1 else "RGB")
+            # The data-set store's own conversion: served images look like trained ones.
+            flat = flatten_image(im, "L" if channels == 1 else "RGB")
             pixels = np.asarray(flat, dtype=np.uint8)
         except Image.DecompressionBombError:
             raise ImageError(f"{what} has too many pixels") from None
@@ -99,25 +100,3 @@ def decode(data: bytes, channels: int = 3, what: str = "image", max_pixels: int 
     return to_array(open_image(data, what, max_pixels), channels, what)
 
 
-def _flatten(im: Image.Image, mode: str) -> Image.Image:
-    """8-bit `mode` ('L' or 'RGB') without alpha, exactly as the data-set store converts."""
-    if im.mode in _WIDE_MODES:
-        im = _wide_to_l(im)
-    elif im.mode in _ALPHA_MODES or "transparency" in im.info:
-        black = Image.new("RGBA", im.size, (0, 0, 0, 255))
-        im = Image.alpha_composite(black, im.convert("RGBA"))
-    if im.mode not in ("L", "RGB"):
-        im = im.convert("RGB")
-    return im if im.mode == mode else im.convert(mode)
-
-
-def _wide_to_l(im: Image.Image) -> Image.Image:
-    a = np.nan_to_num(np.asarray(im, dtype=np.float64))
-    top = a.max(initial=0)
-    if im.mode == "F":
-        scale = 255.0 if top <= 1 else 1.0
-    elif im.mode == "I" and top <= 255:
-        scale = 1.0
-    else:
-        scale = 255 / 65535
-    return Image.fromarray(np.clip(np.rint(a * scale), 0, 255).astype(np.uint8))

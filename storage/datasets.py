@@ -628,7 +628,7 @@ def _decode(path: Path, base: Path, mode: str, size: tuple[int, int]) -> np.ndar
     with _open_image(path, base) as im:
         try:
             im.load()  # decodes the first frame only of an animation
-            flat = _flatten(im, mode)
+            flat = flatten_image(im, mode)
             if flat.size != size:
                 flat = flat.resize(size, Image.Resampling.BICUBIC)
             pixels = np.asarray(flat, dtype=np.uint8)
@@ -638,7 +638,7 @@ def _decode(path: Path, base: Path, mode: str, size: tuple[int, int]) -> np.ndar
     return pixels[..., None] if pixels.ndim == 2 else pixels
 
 
-def _flatten(im: Image.Image, mode: str) -> Image.Image:
+def flatten_image(im: Image.Image, mode: str) -> Image.Image:
     """8-bit `mode` ('L' or 'RGB') without alpha: transparency is composited on black."""
     if im.mode in _WIDE_MODES:
         im = _wide_to_l(im)
