@@ -24,7 +24,7 @@ from munet.storage import signals
 from munet.storage.schema import Task, Visit as VisitRow, utcnow
 
 from .config import EvolverConfig
-from .metrics import CANDIDATES, VISITS, start_metrics
+from .metrics import CANDIDATES, VISITS, start_metrics, stop_metrics
 from .train import PrefixCache
 from .visit import Visit
 
@@ -147,7 +147,7 @@ def _visit(system, cfg, lease: Lease, worker: str, ttl: float, cache, modules, p
     try:
         v = Visit(system, lease.task, cfg, cache=cache, modules=modules, lease_token=lease.token,
                   visit_id=visit_id, worker=worker, progress=progress, should_stop=beat.lost.is_set,
-                  on_candidate=lambda task, outcome: CANDIDATES.labels(task=task, outcome=outcome).inc())
+                  on_candidate=lambda task, outcome: CANDIDATES.labels(task=task, outcome=outcome, worker=worker).inc())
         summary = v.run()
     except Exception as e:  # noqa: BLE001 - one bad task must not take the worker down
         log.exception("visit of %s failed", lease.task)
@@ -163,7 +163,7 @@ def _visit(system, cfg, lease: Lease, worker: str, ttl: float, cache, modules, p
     with system.Session.begin() as s:
         row = s.get(VisitRow, visit_id)
         row.finished_at, row.outcome, row.best_score = utcnow(), "error" if error else "done", summary.get("score")
-    VISITS.labels(task=lease.task, outcome="error" if error else "done").inc()
+    VISITS.labels(task=lease.task, outcome="error" if error else "done", worker=worker).inc()
     # With progress bars off (--json) stdout is for the JSON result only.
     print(visit_line(summary), file=sys.stdout if progress else sys.stderr, flush=True)
     return summary
@@ -229,8 +229,14 @@ def _spawned(settings: Settings, cfg: EvolverConfig, kwargs: dict, threads: int,
 
 def run_workers(system, cfg: EvolverConfig, workers: int, *, nice: int = 0, metrics_port: int | None = None, **kwargs) -> list[dict]:
     """`munet evolve --workers N`: N processes sharing one set of visit targets."""
-    if metrics_port:
-        start_metrics(metrics_port)
+    folder = start_metrics(metrics_port, spawned_workers=workers > 1) if metrics_port else None
+    try:
+        return _run_workers(system, cfg, workers, nice=nice, **kwargs)
+    finally:
+        stop_metrics(folder)
+
+
+def _run_workers(system, cfg: EvolverConfig, workers: int, *, nice: int, **kwargs) -> list[dict]:
     threads = cfg.threads or max(1, (os.cpu_count() or 1) // workers)
     kwargs.setdefault("targets", visit_targets(system.Session, kwargs.get("names"), kwargs.get("iterations", 1)))
     if workers == 1:

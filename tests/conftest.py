@@ -4,6 +4,7 @@ With CI=true a missing PostgreSQL or Redis fails the run instead of skipping (DE
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import uuid
 from pathlib import Path
@@ -26,9 +27,9 @@ def _unavailable(what: str, err: Exception):
     pytest.skip(f"{what} unreachable: {err}")
 
 
-@pytest.fixture
-def pg_url():
-    """URL of a fresh, empty PostgreSQL database, dropped afterwards."""
+@contextlib.contextmanager
+def fresh_pg_database():
+    """URL of a fresh, empty PostgreSQL database, dropped afterwards (also for wider scopes)."""
     name = f"munet_t_{uuid.uuid4().hex[:12]}"
     try:
         admin = create_engine(PG_ADMIN_URL, isolation_level="AUTOCOMMIT")
@@ -36,11 +37,18 @@ def pg_url():
             c.execute(text(f'CREATE DATABASE "{name}"'))
     except Exception as e:  # noqa: BLE001 - any connection failure means "no PostgreSQL"
         _unavailable("PostgreSQL", e)
-    url = PG_ADMIN_URL.rsplit("/", 1)[0] + f"/{name}"
-    yield url
-    with admin.connect() as c:
-        c.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-    admin.dispose()
+    try:
+        yield PG_ADMIN_URL.rsplit("/", 1)[0] + f"/{name}"
+    finally:
+        with admin.connect() as c:
+            c.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        admin.dispose()
+
+
+@pytest.fixture
+def pg_url():
+    with fresh_pg_database() as url:
+        yield url
 
 
 @pytest.fixture
