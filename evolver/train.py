@@ -249,11 +249,15 @@ def train_candidate(cand: Candidate, data: TaskData, cfg: EvolverConfig, cache: 
     _inherit_momentum(cand, opt, cfg)
 
     n = len(data.y["train"])
-    steps_per_interval = min(cfg.batches_per_interval, math.ceil(n / cfg.batch_size))
-    intervals = cfg.intervals
+    steps_per_epoch = math.ceil(n / cfg.batch_size)
+    steps_per_interval, intervals = min(cfg.batches_per_interval, steps_per_epoch), cfg.intervals
     if cfg.max_epochs is not None:
-        # An interval is one epoch rounded up to whole batches: round, so "2 epochs" gives 2.
-        intervals = max(1, min(intervals, round(cfg.max_epochs * n / (steps_per_interval * cfg.batch_size))))
+        # The epoch cap is split into at most `intervals` validation points, in whole batches,
+        # so "1 epoch, 2 intervals" validates after each half and "2 epochs" sees 2n images.
+        total = max(1, round(cfg.max_epochs * steps_per_epoch))
+        intervals = min(intervals, total)
+        steps_per_interval = math.ceil(total / intervals)
+        intervals = math.ceil(total / steps_per_interval)
     total = steps_per_interval * intervals
     gen = torch.Generator().manual_seed(zlib.crc32(f"{cfg.seed}:{cand.ids}".encode()))
     best, best_acc, best_state, curve, examples, step = start_score, None, None, [], 0, 0

@@ -152,10 +152,12 @@ def test_flops_factor_lowers_scores_below_accuracy_when_enabled(two_tasks):
     assert live["flops"] > 0 and live["score"] < live["val_acc"] and result["score"] == live["score"]
 
 
-def test_cpu_preset_candidates_train_two_full_epochs(two_tasks):
-    cfg = tiny_config(max_epochs=2.0, candidates=1)
+@pytest.mark.parametrize("epochs", [1.0, 2.0])
+def test_candidates_train_whole_epochs_validated_at_two_points(two_tasks, epochs):
+    cfg = tiny_config(max_epochs=epochs, candidates=1, intervals=2)
     Visit(two_tasks, "a", cfg, progress=False).run()
     with two_tasks.Session() as s:
         row = s.scalars(select(CandidateRow)).first()
     n_train = 270  # 300 images less the 10% validation split
-    assert row.examples == 2 * n_train and len(row.val_curve) == 2, "validated after each of the two epochs"
+    assert row.examples == epochs * n_train, "every training image seen once per epoch"
+    assert len(row.val_curve) == 2, "validated after each half of the budget"

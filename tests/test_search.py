@@ -22,7 +22,7 @@ def test_config_defaults_follow_munet_md_and_cpu_preset_follows_design():
     assert (m.generations, m.candidates, m.mu, m.intervals, m.batches_per_interval, m.batch_size) == (8, 8, 0.1, 30, 200, 256)
     assert m.defaults["lr"] == 0.01 and m.defaults["momentum"] == 0.9 and m.defaults["schedule"] == "cosine"
     c = cpu_preset()
-    assert (c.generations, c.candidates, c.max_epochs, c.min_improvement) == (4, 4, 2.0, 0.002)
+    assert (c.generations, c.candidates, c.max_epochs, c.min_improvement) == (4, 4, 1.0, 0.002)
     assert c.image_sizes == [32, 48, 64, 80, 96] and c.defaults["image_size"] == 64
     hp = search.initial_hparams(c, LITE0, 10)
     assert not search.augments(hp), "random augmentation is off by default on CPU so the prefix cache applies"
