@@ -204,6 +204,8 @@ class Gateway:
     system: Any  # munet.system.System (task API); None disables the task routes
     limits: Limits = field(default_factory=Limits.from_env)
     api_token: str | None = None
+    # MUNET_PROTECT_PREDICT=1: inference needs the token too (without a token it is refused).
+    protect_predict: bool = field(default_factory=lambda: os.environ.get("MUNET_PROTECT_PREDICT", "") == "1")
 
     def __post_init__(self):
         self.version = -1
@@ -424,10 +426,15 @@ class Guard:
         upload = method == "POST" and path.rstrip("/") == "/tasks"
         limit = limits.max_upload_bytes if upload else limits.max_body_bytes
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])}
-        if method in PROTECTED_METHODS and path.startswith("/tasks") and gw is not None and gw.api_token:
-            if not check_token(headers.get("authorization"), gw.api_token):
-                start, body = _json_response_bytes(401, error_body("unauthorized", "this route needs "
-                                                   "'Authorization: Bearer <MUNET_API_TOKEN>'"),
+        if gw is not None and needs_token(gw, method, path):
+            if not gw.api_token:
+                detail = "MUNET_PROTECT_PREDICT=1 but the server has no MUNET_API_TOKEN: inference is closed"
+            elif not check_token(headers.get("authorization"), gw.api_token):
+                detail = "this route needs 'Authorization: Bearer <MUNET_API_TOKEN>'"
+            else:
+                detail = None
+            if detail:
+                start, body = _json_response_bytes(401, error_body("unauthorized", detail),
                                                    {"WWW-Authenticate": "Bearer"})
                 await _drain_and_send(receive, send, start, body)
                 return
@@ -475,6 +482,18 @@ async def _drain_and_send(receive, send, start, body) -> None:
     await send({"type": "http.response.body", "body": body})
 
 
+PREDICT_ROUTES = ("/predict", "/predict/upload")
+
+
+def needs_token(gw: Gateway, method: str, path: str) -> bool:
+    """Task changes (POST/PUT/PATCH/DELETE under /tasks) when the server has a token; with
+    MUNET_PROTECT_PREDICT=1 inference too, token or not (fail closed)."""
+    path = "/" + path.strip("/")
+    if method in PROTECTED_METHODS and (path == "/tasks" or path.startswith("/tasks/")):
+        return bool(gw.api_token)
+    return gw.protect_predict and path in PREDICT_ROUTES
+
+
 def check_token(header: str | None, token: str) -> bool:
     if not header:
         return False
@@ -482,6 +501,29 @@ def check_token(header: str | None, token: str) -> bool:
     if scheme.lower() != "bearer":
         return False
     return hmac.compare_digest(given.strip().encode("utf-8", "surrogateescape"), token.encode("utf-8"))
+
+
+class RefusePickle:
+    """ASGI middleware for both services: a pickled body (BentoML's format between its own
+    services) is refused with 415 before anything reads it. BentoML's entry service already
+    refuses its exact media type; the executor would unpickle it, and unpickling runs code,
+    so the gateway calls the executor with JSON (`service.executor_client`)."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http":
+            ctype = b""
+            for k, v in scope.get("headers", []):
+                if k.lower() == b"content-type":
+                    ctype = v.lower()
+            if b"pickle" in ctype:
+                start, body = _json_response_bytes(415, error_body("unsupported_media_type",
+                                                   "pickled bodies are never accepted; send JSON"))
+                await _drain_and_send(receive, send, start, body)
+                return
+        await self.app(scope, receive, send)
 
 
 class JsonErrors:
@@ -577,7 +619,8 @@ def create_app() -> FastAPI:
     # -- inference ------------------------------------------------------------------------
     @app.post("/predict", response_model=PredictResponse, responses=ERRORS, tags=["inference"],
               summary="Classify base64 images with a task's live path")
-    async def predict(body: PredictRequest) -> dict:
+    async def predict(body: PredictRequest,
+                      _auth: HTTPAuthorizationCredentials | None = Depends(bearer)) -> dict:
         gw = gateway()
         blobs = [body.image] if body.image is not None else list(body.images or [])
         return await gw.predict(body.task, blobs, body.top, base64=True)
@@ -586,7 +629,8 @@ def create_app() -> FastAPI:
               summary="Classify uploaded image files (multipart: task, files, top)")
     async def predict_upload(task: Annotated[str, Form(min_length=1, max_length=63, pattern=TASK_PATTERN)],
                              files: Annotated[list[UploadFile], File(description="one or more image files")],
-                             top: Annotated[int, Form(ge=1, le=1000)] = 5) -> dict:
+                             top: Annotated[int, Form(ge=1, le=1000)] = 5,
+                             _auth: HTTPAuthorizationCredentials | None = Depends(bearer)) -> dict:
         gw = gateway()
         if len(files) > gw.limits.max_images:
             raise ApiError(413, "too_many_images", f"{len(files)} images in one request; at most "

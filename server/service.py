@@ -60,7 +60,8 @@ MAX_LATENCY_MS = _env("MUNET_MAX_LATENCY_MS", 5000, int)  # BentoML sheds queued
 class InferItem(BaseModel):
     """One image on its way to the executor (raw uint8 pixels, row-major [H, W, C])."""
 
-    model_config = ConfigDict(extra="forbid")
+    # JSON between the services (never pickle, see `executor_client`): pixels travel as base64.
+    model_config = ConfigDict(extra="forbid", ser_json_bytes="base64", val_json_bytes="base64")
 
     task: Annotated[str, Field(max_length=63)]
     path_id: Annotated[str | None, Field(max_length=64)] = None
@@ -196,6 +197,19 @@ class BentoBackend:
         return await self._call("refresh")
 
 
+def executor_client(svc: "Munet"):
+    """The executor as a JSON client. `bentoml.depends` would talk pickle to it (BentoML's
+    default between its own services), so whoever reached its socket could run code in it;
+    the executor refuses pickle (`api.RefusePickle`) and the gateway speaks JSON."""
+    from _bentoml_impl.client import RemoteProxy
+    from bentoml._internal.configuration.containers import BentoMLContainer
+
+    url = BentoMLContainer.remote_runner_mapping.get().get(MunetExecutor.name)
+    if url is None:
+        return svc.executor  # the executor runs in this process: plain calls, no HTTP
+    return RemoteProxy(url, service=MunetExecutor, media_type="application/json")
+
+
 @bentoml.service(name="Munet", workers=1, traffic={"timeout": 300})
 @bentoml.asgi_app(api.app, path="/")
 class Munet:
@@ -211,9 +225,16 @@ class Munet:
         _log_to_stderr()
         torch.set_num_threads(1)  # decoding only; the executor owns the cores
         settings = Settings.from_env()
-        self.gateway = api.Gateway(BentoBackend(self.executor), System(settings), api.Limits.from_env(),
+        self.gateway = api.Gateway(BentoBackend(executor_client(self)), System(settings), api.Limits.from_env(),
                                    api_token=settings.api_token)
         api.app.state.gateway = self.gateway
+
+    @bentoml.on_startup
+    async def connect_executor(self) -> None:
+        # BentoML sets up the clients of `bentoml.depends` itself; ours (`executor_client`) here.
+        client = self.gateway.backend.proxy
+        if hasattr(client, "__aenter__"):
+            await client.__aenter__()
 
     async def __is_ready__(self) -> bool:
         try:
@@ -224,3 +245,5 @@ class Munet:
 
 
 Munet.add_asgi_middleware(api.JsonErrors)
+Munet.add_asgi_middleware(api.RefusePickle)
+MunetExecutor.add_asgi_middleware(api.RefusePickle)

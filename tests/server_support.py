@@ -175,6 +175,7 @@ class Server:
     port: int = field(default_factory=free_port)
     proc: subprocess.Popen | None = None
     log_path: Path | None = None
+    host: str = "127.0.0.1"  # where the public port binds ("0.0.0.0": every interface)
 
     @property
     def url(self) -> str:
@@ -190,7 +191,7 @@ class Server:
         self.log_path = self.home / f"server-{self.port}.log"
         log = open(self.log_path, "wb")
         self.proc = subprocess.Popen([sys.executable, "-m", "munet.cli", "serve", "--port", str(self.port),
-                                      "--host", "127.0.0.1"], env=env, stdout=log, stderr=subprocess.STDOUT,
+                                      "--host", self.host], env=env, stdout=log, stderr=subprocess.STDOUT,
                                      start_new_session=True)
         log.close()
         deadline = time.time() + timeout
