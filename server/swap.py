@@ -74,6 +74,7 @@ class SwapListener:
         self.db_error: str | None = None
         self.redis_connected = False
         self.redis_error: str | None = None
+        self.redis_messages = 0  # signals received: shows pub/sub works again after an outage
         self.last_poll: float | None = None
         self.swaps = 0
         metrics.REDIS_UP.set(0)
@@ -145,6 +146,7 @@ class SwapListener:
             return
         if not isinstance(payload, dict):
             return
+        self.redis_messages += 1
         task, path_id, at = payload.get("task"), payload.get("path_id"), payload.get("committed_at")
         if isinstance(task, str) and isinstance(path_id, str) and isinstance(at, (int, float)):
             if len(self.committed_at) > 10_000:
@@ -291,7 +293,8 @@ class SwapListener:
             "degraded": self.db_up is False or (bool(self.redis_url) and not self.redis_connected),
             "database": {"up": self.db_up, "error": self.db_error, "last_poll": self.last_poll,
                          "poll_interval_s": self.poll_interval},
-            "redis": {"configured": bool(self.redis_url), "connected": self.redis_connected, "error": self.redis_error},
+            "redis": {"configured": bool(self.redis_url), "connected": self.redis_connected, "error": self.redis_error,
+                      "messages": self.redis_messages},
             "tasks": tasks,
             "served_tasks": len(table.current),
             "held_paths": len(table.held),
