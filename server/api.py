@@ -571,6 +571,21 @@ class JsonErrors:
         await self.app(scope, receive, wrapped_send)
 
 
+class IndexPage:
+    """ASGI middleware for the whole BentoML app: `GET /` is the web page. BentoML routes `/`
+    to its own Swagger page before the mounted app sees it; the API docs stay at /docs."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http" and scope.get("path") == "/" and scope.get("method") in ("GET", "HEAD"):
+            scope = {**scope, "path": "/ui", "raw_path": b"/ui"}
+        await self.app(scope, receive, send)
+
+
+STATIC_DIR = os.path.join(os.path.dirname(__file__), "static")
+
 # -- the app ---------------------------------------------------------------------------------------
 
 bearer = HTTPBearer(auto_error=False, description="MUNET_API_TOKEN, required when the server has one")
@@ -743,11 +758,30 @@ def create_app() -> FastAPI:
         return view
 
     # -- operations ------------------------------------------------------------------------
+    @app.get("/", tags=["operations"], include_in_schema=False)
     @app.get("/ui", tags=["operations"], include_in_schema=False)
     async def web_page():
         from fastapi.responses import FileResponse
 
-        return FileResponse(os.path.join(os.path.dirname(__file__), "static", "index.html"), media_type="text/html")
+        return FileResponse(os.path.join(STATIC_DIR, "index.html"), media_type="text/html")
+
+    from fastapi.staticfiles import StaticFiles
+
+    app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")  # the page's script and stylesheet
+
+    @app.get("/system/graph", tags=["operations"], responses=ERRORS,
+             summary="The multitask system: every task's live path and each live component once, with its creator")
+    async def system_graph() -> dict:
+        from .overview import graph_json
+
+        return await _db(graph_json, system(gateway()))
+
+    @app.get("/system/history", tags=["operations"], responses=ERRORS,
+             summary="Every task's score over time: live-pointer moves (swaps) and scored candidates")
+    async def system_history() -> dict:
+        from .overview import history_json
+
+        return await _db(history_json, system(gateway()))
 
     @app.get("/status", tags=["operations"], responses=ERRORS,
              summary="Serving state: tasks and their paths, database and Redis health, cache, swap failures")

@@ -247,3 +247,4 @@ class Munet:
 Munet.add_asgi_middleware(api.JsonErrors)
 Munet.add_asgi_middleware(api.RefusePickle)
 MunetExecutor.add_asgi_middleware(api.RefusePickle)
+Munet.add_asgi_middleware(api.IndexPage)  # GET / is the web page, not BentoML's Swagger page

@@ -308,7 +308,8 @@ async function refresh() {
     const changed = (key, value) => { const s = JSON.stringify(value); if (state.seen[key] === s) return false; state.seen[key] = s; return true; };
     const tasksChanged = changed("tasks", tasks), graphChanged = changed("graph", graph), histChanged = changed("history", history);
     state.graph = graph; state.history = history;
-    renderTasks();  // cheap; keeps "x min ago" current
+    if (tasksChanged) renderTasks();
+    else document.querySelectorAll('#tasks td[data-col="last_improvement"]').forEach(td => { td.textContent = ago(td.dataset.value); });
     if (tasksChanged || histChanged) renderCharts();
     if (tasksChanged || graphChanged) renderGraph();
     renderSummary();  // the cache size comes from /status
