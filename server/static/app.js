@@ -236,11 +236,13 @@ function renderGraph() {
   }
   svg.setAttribute("width", maxX); svg.setAttribute("height", height);
   svg.setAttribute("viewBox", `0 0 ${maxX} ${height}`);
-  // row guides and labels on the left
+  // row guides, and input/output labels just left of the leftmost box
+  const x0 = Math.max(8, Math.min(...Object.values(pos).map(p => p.x)) - boxW / 2 - 52);
+  const x1 = Math.max(...Object.values(pos).map(p => p.x)) + boxW / 2 + 12;
   const guides = el("g", { class: "guides" });
-  for (let r = 0; r < g.rows; r++) guides.appendChild(el("line", { x1: left - 6, x2: maxX - 10, y1: rowY(r) + boxH / 2, y2: rowY(r) + boxH / 2, class: "row-guide" }));
-  guides.appendChild(el("text", { x: 8, y: rowY(0) + boxH / 2 + 4, class: "axis" }, "input"));
-  guides.appendChild(el("text", { x: 8, y: rowY(g.rows - 1) + boxH / 2 + 4, class: "axis" }, "output"));
+  for (let r = 0; r < g.rows; r++) guides.appendChild(el("line", { x1: x0 + 44, x2: x1, y1: rowY(r) + boxH / 2, y2: rowY(r) + boxH / 2, class: "row-guide" }));
+  guides.appendChild(el("text", { x: x0, y: rowY(0) + boxH / 2 + 4, class: "axis" }, "input"));
+  guides.appendChild(el("text", { x: x0, y: rowY(g.rows - 1) + boxH / 2 + 4, class: "axis" }, "output"));
   svg.appendChild(guides);
   // edges: one polyline per task through its components, slightly offset per task at shared boxes
   const edges = el("g", { class: "edges" });
