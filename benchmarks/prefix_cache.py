@@ -1,11 +1,16 @@
 """Prefix caching: candidates per hour with and without reusing frozen-prefix activations.
 
-The candidate trains only the top two blocks, the neck's norm and a new head (everything
-below is frozen and referenced), as most CPU candidates do. Both arms train the same
-candidates on the same data; the cached arm computes the frozen prefix once and reuses it
-across epochs and candidates, the other runs it for every batch.
+Candidates of each kind (default: `top:2`, the top two blocks and a new head, everything
+else frozen and referenced, as issue 3 asks; `head`, a new head only) train with and
+without the cache on the same data; the cached arm computes the frozen prefix once and
+reuses it across epochs and candidates, the other runs it for every batch.
 
-    python benchmarks/prefix_cache.py [--task cifar] [--candidates 3] [--size 64]
+Beside the measured ratio the table gives the FLOP bound of caching for that candidate:
+(prefix forward + suffix training) / suffix training FLOPs per training image, counting a
+backward pass as one forward for input gradients (every component above the lowest
+trainable one) plus one for weight gradients (trainable ones). No cache can beat it.
+
+    python benchmarks/prefix_cache.py [--task cifar] [--candidates 3] [--size 64] [--kinds top:2 head]
 """
 from __future__ import annotations
 
@@ -18,6 +23,7 @@ from pathlib import Path
 
 import torch
 from sqlalchemy import select
+from torch.utils.flop_counter import FlopCounterMode
 from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -31,6 +37,42 @@ from munet.storage.schema import Root, Task  # noqa: E402
 from munet.system import System  # noqa: E402
 
 
+def measure(system, root, task, data, kind: str, args) -> list[dict]:
+    rows = []
+    for reuse in (True, False):
+        cfg = cpu_preset().replace(max_epochs=args.epochs, reuse_prefix=reuse)
+        cfg.defaults["image_size"] = args.size
+        cache = PrefixCache(cfg.prefix_cache_bytes)
+        hp = search.initial_hparams(cfg, root.config, data.num_classes)
+        template, _ = baselines._build(system, root, task, kind, hp)
+        t0, examples, accs = time.perf_counter(), 0, []
+        for i in tqdm(range(args.candidates), desc=f"{kind}, prefix cache {'on' if reuse else 'off'}"):
+            cand = copy.deepcopy(template)  # fresh clones each time, same frozen prefix
+            cand.hparams["opt"]["lr"] = [0.01, 0.02, 0.005][i % 3]
+            r = train_candidate(cand, data, cfg, cache, 1.0, float("-inf"))
+            examples += r.examples
+            accs.append(r.val_acc)
+        secs = time.perf_counter() - t0
+        rows.append({"candidate": kind, "prefix_cache": "on" if reuse else "off", "candidates": args.candidates,
+                     "seconds": secs, "candidates_per_hour": 3600 * args.candidates / secs,
+                     "train_images_per_s": examples / secs, "mean_val_acc": sum(accs) / len(accs)})
+    rows[0]["speedup"] = rows[0]["candidates_per_hour"] / rows[1]["candidates_per_hour"]
+    rows[0]["flop_bound"] = flop_bound(template, args.size)
+    return rows
+
+
+def flop_bound(cand, size: int) -> float:
+    """Per-image FLOPs without the cache over FLOPs with it (the cache's best possible ratio)."""
+    k, h, fwd = cand.first_trainable, torch.zeros(1, 3, size, size), []
+    with torch.no_grad():
+        for m in cand.modules:
+            with FlopCounterMode(display=False) as counter:
+                h = m.eval()(h)
+            fwd.append(counter.get_total_flops())
+    suffix = sum(f * (1 + (i > k) + t) for i, (f, t) in enumerate(zip(fwd[k:], cand.trainable[k:]), start=k))
+    return (sum(fwd[:k]) + suffix) / suffix
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--task", default="cifar")
@@ -38,6 +80,7 @@ def main() -> None:
     ap.add_argument("--size", type=int, default=64)
     ap.add_argument("--epochs", type=float, default=2.0)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--kinds", nargs="+", default=["top:2", "head"], help="baseline plans (evolver/baselines.py)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     data_file = SHARED_DATA / f"{args.task}.npz"
@@ -53,26 +96,11 @@ def main() -> None:
             root = s.get(Root, task.root_id)
         data = TaskData.from_arrays(task.name, system.dataset(task), 0.1, 0, root.config["mean"], root.config["std"])
         rows = []
-        for reuse in (True, False):
-            cfg = cpu_preset().replace(max_epochs=args.epochs, reuse_prefix=reuse)
-            cfg.defaults["image_size"] = args.size
-            cache = PrefixCache(cfg.prefix_cache_bytes)
-            hp = search.initial_hparams(cfg, root.config, data.num_classes)
-            template, _ = baselines._build(system, root, task, f"freeze:{root.config['depth'] - 2}", hp)
-            t0, examples, accs = time.perf_counter(), 0, []
-            for i in tqdm(range(args.candidates), desc=f"prefix cache {'on' if reuse else 'off'}"):
-                cand = copy.deepcopy(template)  # fresh clones each time, same frozen prefix
-                cand.hparams["opt"]["lr"] = [0.01, 0.02, 0.005][i % 3]
-                r = train_candidate(cand, data, cfg, cache, 1.0, float("-inf"))
-                examples += r.examples
-                accs.append(r.val_acc)
-            secs = time.perf_counter() - t0
-            rows.append({"prefix_cache": "on" if reuse else "off", "candidates": args.candidates, "seconds": secs,
-                         "candidates_per_hour": 3600 * args.candidates / secs, "train_images_per_s": examples / secs,
-                         "mean_val_acc": sum(accs) / len(accs)})
-    rows[0]["speedup"] = rows[0]["candidates_per_hour"] / rows[1]["candidates_per_hour"]
-    cols = ["prefix_cache", "candidates", "seconds", "candidates_per_hour", "train_images_per_s", "mean_val_acc", "speedup"]
-    print(f"\nPrefix caching, {args.task} at {args.size}px, {args.epochs} epochs, top 2 blocks + head trained\n")
+        for kind in args.kinds:
+            rows += measure(system, root, task, data, kind, args)
+    cols = ["candidate", "prefix_cache", "candidates", "seconds", "candidates_per_hour", "train_images_per_s",
+            "mean_val_acc", "speedup", "flop_bound"]
+    print(f"\nPrefix caching, {args.task} at {args.size}px, {args.epochs} epochs per candidate\n")
     print(table(rows, cols))
     path = write("prefix_cache", {"args": vars(args), "rows": rows})
     print(f"\nwrote {path}")

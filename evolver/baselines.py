@@ -24,7 +24,8 @@ from .visit import PROBE_SIZE, count_flops
 
 
 def plan(kind: str, root_config: dict) -> tuple[set[str], dict[int, int]]:
-    """(names to train, adapters) for 'full', 'head', 'freeze:X' or 'adapters:W'."""
+    """(names to train, adapters) for 'full', 'head', 'freeze:X' (blocks X.. and the neck),
+    'top:X' (the top X blocks, neck frozen) or 'adapters:W'."""
     depth = root_config["depth"]
     top = {"final_norm", "head"}
     if kind == "full":
@@ -37,7 +38,10 @@ def plan(kind: str, root_config: dict) -> tuple[set[str], dict[int, int]]:
     if kind.startswith("adapters:"):
         width = int(kind.split(":", 1)[1])
         return top | {"adapter"}, {i: width for i in range(depth)}
-    raise ValueError(f"unknown baseline {kind!r}: use full, head, freeze:X or adapters:W")
+    if kind.startswith("top:"):  # the top X blocks and the head; the neck stays frozen
+        x = int(kind.split(":", 1)[1])
+        return top | {f"blocks.{i}" for i in range(depth - x, depth)}, {}
+    raise ValueError(f"unknown baseline {kind!r}: use full, head, freeze:X, top:X or adapters:W")
 
 
 def _build(system, root: Root, task: Task, kind: str, hp: dict) -> tuple[Candidate, list]:
