@@ -181,7 +181,7 @@ class Server:
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
-    def start(self, timeout: float = 90.0) -> "Server":
+    def start(self, timeout: float = 600.0) -> "Server":
         env = dict(os.environ)
         env.update({"MUNET_HOME": str(self.home), "MUNET_SWAP_POLL_S": "0.5", "BENTOML_DO_NOT_TRACK": "True",
                     "MUNET_SERVE_THREADS": "2"})
