@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from typing import Annotated, Any, Protocol
 
 import numpy as np
-from fastapi import Depends, FastAPI, File, Form, Path, Request, UploadFile
+from fastapi import Depends, FastAPI, Form, Path, Request, UploadFile
 from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
@@ -174,6 +174,26 @@ class PinRequest(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
 
     path_id: Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[0-9a-f]{1,64}$")]
+
+
+class UploadForm(BaseModel):
+    """POST /predict/upload, multipart. A form model so unknown fields are refused too."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    task: TaskName
+    files: Annotated[list[UploadFile], Field(min_length=1, max_length=1024, description="one or more image files")]
+    top: Annotated[int, Field(ge=1, le=1000, description="how many classes to list per image")] = 5
+
+
+class TaskForm(BaseModel):
+    """POST /tasks, multipart; the name is checked by `validate_task_name` (a clear 400)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: Annotated[str, Field(min_length=1, max_length=63, description="the new task's name")]
+    file: Annotated[UploadFile, Field(description=".npz, .zip, .tar(.gz) data set")]
+    root: Annotated[str | None, Field(min_length=1, max_length=63, description="the root (default: the first)")] = None
 
 
 ERRORS = {code: {"model": ErrorResponse} for code in (400, 401, 404, 409, 413, 503)}
@@ -642,11 +662,10 @@ def create_app() -> FastAPI:
 
     @app.post("/predict/upload", response_model=PredictResponse, responses=ERRORS, tags=["inference"],
               summary="Classify uploaded image files (multipart: task, files, top)")
-    async def predict_upload(task: Annotated[str, Form(min_length=1, max_length=63, pattern=TASK_PATTERN)],
-                             files: Annotated[list[UploadFile], File(description="one or more image files")],
-                             top: Annotated[int, Form(ge=1, le=1000)] = 5,
+    async def predict_upload(form: Annotated[UploadForm, Form()],
                              _auth: HTTPAuthorizationCredentials | None = Depends(bearer)) -> dict:
         gw = gateway()
+        task, files, top = form.task, form.files, form.top
         if len(files) > gw.limits.max_images:
             raise ApiError(413, "too_many_images", f"{len(files)} images in one request; at most "
                                                    f"{gw.limits.max_images} are allowed")
@@ -660,15 +679,14 @@ def create_app() -> FastAPI:
 
     @app.post("/tasks", status_code=201, tags=["tasks"], responses={**ERRORS, 201: {"description": "the task"}},
               summary="Submit a task: multipart 'name' and 'file' (.npz, or a zip/tar of an ImageFolder tree)")
-    async def add_task(name: Annotated[str, Form(min_length=1, max_length=63)],
-                       file: Annotated[UploadFile, File(description=".npz, .zip, .tar(.gz) data set")],
-                       root: Annotated[str | None, Form(min_length=1, max_length=63)] = None,
+    async def add_task(form: Annotated[TaskForm, Form()],
                        _auth: HTTPAuthorizationCredentials | None = Depends(bearer)) -> dict:
         from munet.storage.commit import CommitError
         from munet.storage.datasets import DatasetError
         from munet.storage.schema import validate_task_name
 
         gw = gateway()
+        name, file, root = form.name, form.file, form.root
         sys_ = system(gw)
         try:
             validate_task_name(name)

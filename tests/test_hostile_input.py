@@ -80,8 +80,7 @@ def test_schema_fuzzing_gives_no_5xx_and_only_json_errors(server):
     labels = {f"{op.method.upper()} {op.path}" for op in operations}
     assert {"POST /predict", "POST /predict/upload", "POST /tasks", "DELETE /tasks/{name}",
             "PUT /tasks/{name}/pin", "GET /tasks/{name}/lineage"} <= labels, labels
-    doc = srv.get("/openapi.json")[1]
-    assert doc["components"]["schemas"]["PredictRequest"]["additionalProperties"] is False
+    assert loose_request_schemas(srv.get("/openapi.json")[1]) == []
 
     sent: dict[str, int] = {}
     failures: list = []
@@ -131,6 +130,53 @@ def test_schema_fuzzing_gives_no_5xx_and_only_json_errors(server):
         assert sent.get(label, 0) >= 32, sent
     # The server is still healthy afterwards.
     assert srv.get("/readyz")[0] == 200
+
+
+def loose_request_schemas(doc: dict) -> list[str]:
+    """Every request input of an OpenAPI document that is not bounded: objects that allow
+    extra properties, strings without maxLength, arrays without maxItems. Uploaded file
+    contents (binary strings) are bounded by the body limit instead (413)."""
+    schemas = doc["components"]["schemas"]
+    found = []
+
+    def walk(s: dict, where: str) -> None:
+        while "$ref" in s:
+            s = schemas[s["$ref"].rsplit("/", 1)[-1]]
+        for key in ("anyOf", "oneOf", "allOf"):
+            for sub in s.get(key, []):
+                walk(sub, where)
+        kind = s.get("type")
+        if kind == "string" and "maxLength" not in s and "enum" not in s and "contentMediaType" not in s \
+                and s.get("format") != "binary":
+            found.append(f"{where}: a string without maxLength")
+        if kind == "array":
+            if "maxItems" not in s:
+                found.append(f"{where}: an array without maxItems")
+            walk(s.get("items", {}), where + "[]")
+        if kind == "object" or "properties" in s:
+            if s.get("additionalProperties", True) is not False:
+                found.append(f"{where}: an object that allows extra properties")
+            for name, sub in s.get("properties", {}).items():
+                walk(sub, f"{where}.{name}")
+
+    for path, operations in doc["paths"].items():
+        for method, op in operations.items():
+            for param in op.get("parameters", []):
+                walk(param["schema"], f"{method.upper()} {path} {param['name']}")
+            for media in op.get("requestBody", {}).get("content", {}).values():
+                walk(media["schema"], f"{method.upper()} {path} body")
+    return found
+
+
+def test_the_strictness_check_finds_loose_schemas():
+    doc = {"components": {"schemas": {"M": {"type": "object", "properties": {"a": {"type": "string"},
+                                                                           "b": {"type": "array", "items": {}}}}}},
+           "paths": {"/x": {"post": {"requestBody": {"content": {"application/json": {"schema": {"$ref": "#/components/schemas/M"}}}},
+                                     "parameters": [{"name": "q", "schema": {"type": "string", "maxLength": 3}}]}}}}
+    assert loose_request_schemas(doc) == ["POST /x body: an object that allows extra properties",
+                                          "POST /x body.a: a string without maxLength",
+                                          "POST /x body.b: an array without maxItems"]
+    assert loose_request_schemas(api.create_app().openapi()) == []
 
 
 # -- images -----------------------------------------------------------------------------------------
@@ -431,15 +477,15 @@ def hostile_uploads(trap: Path) -> list[tuple[str, str, bytes, str]]:
 
 
 def _tree_state(home: Path) -> dict[str, tuple[int, int]]:
-    """Every file under `home` but the server's log and BentoML's own folder, and the
-    database (a refusal may still read it)."""
+    """Every file under `home` but the server's log, BentoML's own folders (its home, its
+    client folders in TMPDIR) and the database (a refusal may still read it)."""
     out = {}
     for path in home.rglob("*"):
         rel = path.relative_to(home).as_posix()
-        if rel.startswith(("bentoml", "server-")) or rel.startswith("munet.db"):
+        if rel.startswith(("bentoml", "server-", "munet.db", "tmp/bentoml-")):
             continue
         st = path.lstat()
-        out[rel] = (st.st_size, st.st_mode)
+        out[rel] = (0 if stat.S_ISDIR(st.st_mode) else st.st_size, st.st_mode)  # a folder's size is its listing's
     return out
 
 
