@@ -264,9 +264,12 @@ def test_a_killed_server_worker_is_restarted_and_reloads_every_live_path_from_sq
     """BentoML 1.4 runs each service's workers under a circus arbiter that respawns a dead
     process (`respawn=True` unless BENTOML_CONTAINERIZED is set) and holds the listening
     sockets. Killing the entry worker: only the requests it was serving fail; later ones
-    wait in the socket's backlog for its successor. Killing the executor worker: the
-    entry service answers 503 executor_unavailable (with Retry-After) until the successor
-    has reloaded every live path from SQL; then everything succeeds again."""
+    wait in the socket's backlog for its successor. Killing the executor worker: requests
+    in flight on it and those arriving while its successor starts get 503 with Retry-After
+    (`executor_unavailable` when the call fails, `deadline_exceeded` when it waits in the
+    executor socket's backlog past MUNET_REQUEST_TIMEOUT_S, `not_ready` while the successor
+    loads the live paths); once it has reloaded every live path from SQL, everything
+    succeeds again. No request gets another answer (no 404/409/500)."""
     import signal
 
     server, system = served["server"], served["system"]
@@ -296,7 +299,8 @@ def test_a_killed_server_worker_is_restarted_and_reloads_every_live_path_from_sq
     st = _status(server)
     assert {t: v["serving_path_id"] for t, v in st["tasks"].items() if v["serving_path_id"]} == live
     for started, finished, task, code, out in load.failures():
-        assert code == 503 and out[0]["error"] == "executor_unavailable" and int(out[1]) >= 1, (code, out)
+        assert code == 503 and out[0]["error"] in ("executor_unavailable", "deadline_exceeded", "not_ready"), (code, out)
+        assert int(out[1]) >= 1, "a 503 without Retry-After"
         assert killed_at - 1 < finished and started < recovered, (started, finished)
     assert [r for r in load.ok() if r[0] > recovered], "nothing served after the restart"
 
