@@ -8,8 +8,62 @@ from munet import cli
 from .config import PRESETS, default_config
 
 
+def check_args(a) -> None:
+    """Reject impossible settings with one line before any worker starts."""
+    positive = {"--workers": a.workers, "--iterations": a.iterations, "--generations": a.generations,
+                "--candidates": a.candidates, "--threads": a.threads}
+    for option, value in positive.items():
+        if value is not None and value < 1:
+            raise cli.CliError(f"{option} must be 1 or more")
+    if a.image_size is not None and not 16 <= a.image_size <= 1024:
+        raise cli.CliError("--image-size must be between 16 and 1024 pixels")
+    if a.max_epochs is not None and not a.max_epochs > 0:
+        raise cli.CliError("--max-epochs must be more than 0")
+    if a.base is not None and not 0 < a.base <= 1:
+        raise cli.CliError("--base must be in (0, 1]: 1 means no size pressure")
+    if not a.lease_ttl >= 3:
+        raise cli.CliError("--lease-ttl must be at least 3 seconds (it is renewed every third of it)")
+    if not -20 <= a.nice <= 19:
+        raise cli.CliError("--nice must be between -20 and 19")
+    if a.device:
+        import torch
+
+        if a.device.split(":")[0] not in ("cpu", "cuda"):
+            raise cli.CliError(f"--device must be cpu or cuda, not {a.device!r}")
+        if a.device.startswith("cuda") and not torch.cuda.is_available():
+            raise cli.CliError("--device cuda, but torch sees no CUDA device here (use --device cpu)")
+    if a.metrics_port is not None:
+        if not 0 < a.metrics_port < 65536:
+            raise cli.CliError("--metrics-port must be between 1 and 65535")
+        cli.check_bindable("0.0.0.0", a.metrics_port, "--metrics-port")
+
+
+def print_summaries(ctx: "cli.Context", summaries: list[dict]) -> None:
+    """The run's visits as one table (the visit lines above it came as they finished)."""
+    if not summaries:
+        ctx.console.print("no visits: no task needed one (add tasks with `munet task add`, or use --forever)")
+        return
+    from rich.table import Table
+
+    table = Table(title=f"{len(summaries)} visit(s)", title_justify="left")
+    for col, justify in (("task", "left"), ("candidates", "right"), ("improved", "right"), ("seconds", "right"),
+                         ("score", "right"), ("val acc", "right"), ("test acc", "right"), ("params", "right"),
+                         ("live path", "left")):
+        table.add_column(col, justify=justify, overflow="fold")
+    for r in summaries:
+        if r.get("error"):
+            table.add_row(r["task"], "-", "-", "-", "-", "-", "-", "-", f"FAILED: {r['error']}", style="red")
+            continue
+        table.add_row(r["task"], str(r.get("candidates", "-")), str(r.get("improved", "-")),
+                      cli._fmt(float(r["seconds"]), 0) if r.get("seconds") is not None else "-",
+                      cli._fmt(r.get("score")), cli._fmt(r.get("val_acc")), cli._fmt(r.get("test_acc")),
+                      cli._fmt_params(r.get("accounted_params")), "new" if r.get("moved") else "unchanged")
+    ctx.console.print(table)
+
+
 def cmd_evolve(ctx: "cli.Context") -> int:
     a = ctx.args
+    check_args(a)
     system = ctx.system()
     cfg = PRESETS[a.preset]() if a.preset else default_config()
     changes = {k: v for k, v in {"base": a.base, "seed": a.seed, "generations": a.generations,
@@ -32,6 +86,8 @@ def cmd_evolve(ctx: "cli.Context") -> int:
                             iterations=None if a.forever else a.iterations, progress=not ctx.json)
     if ctx.json:
         ctx.print_json(summaries or [])
+    else:
+        print_summaries(ctx, summaries or [])
     return 0 if not any(s.get("error") for s in summaries or []) else 1
 
 

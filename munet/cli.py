@@ -17,9 +17,11 @@ exceptions print the same one line; set `MUNET_DEBUG=1` to see their traceback.
 from __future__ import annotations
 
 import argparse
+import errno
 import importlib
 import json
 import os
+import socket
 import sys
 import tempfile
 import traceback
@@ -41,6 +43,7 @@ EXAMPLES: list[tuple[str, str]] = [
     ("munet quickstart", "init, the packaged root and a demo task, all on embedded defaults"),
     ("munet init", "create the database and stores under MUNET_HOME (default ./munet-data)"),
     ("munet root add lite0 --timm tf_efficientnet_lite0 --weights packaged", "decompose a pretrained root"),
+    ("munet root list", "roots with their parameters and how many tasks build on each"),
     ("munet task add mnist --data mnist.npz [--root lite0]", "submit a task (.npz, ImageFolder folder, zip or tar)"),
     ("munet task list", "all tasks with status and live score"),
     ("munet task show mnist --json", "one task: live path, metrics, history"),
@@ -56,10 +59,36 @@ class CliError(Exception):
     """A user-facing failure: printed as one `munet: error:` line."""
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse with the CLI's one-line errors: a usage mistake prints `munet: error: ...`
+    and where to find the options, not the whole usage block (exit status 2, as argparse)."""
+
+    def error(self, message: str):
+        sub = self.prog.split(" ", 1)[1] + ": " if " " in self.prog else ""
+        self.exit(2, f"munet: error: {sub}{message} (see `{self.prog} --help`)\n")
+
+
 def make_console() -> Console:
     # Piped output (scripts, logs, tests) gets a wide fixed width instead of rich's
     # 80 columns, so no cell is cut short; a terminal uses its own width and folds.
     return Console(highlight=False, soft_wrap=False, width=None if sys.stdout.isatty() else 200)
+
+
+def check_bindable(host: str, port: int, option: str) -> None:
+    """Fail with one line before a server starts (and dies with a traceback) when the
+    address is taken or not ours. A race with another process remains possible."""
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except socket.gaierror as e:
+        raise CliError(f"cannot listen on {host!r}: not a known address ({e.strerror})") from None
+    family, _, _, _, addr = infos[0]
+    with socket.socket(family, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn does: TIME_WAIT is no conflict
+        try:
+            sock.bind(addr)
+        except OSError as e:
+            hint = f" (another program listens there: choose another {option})" if e.errno == errno.EADDRINUSE else ""
+            raise CliError(f"cannot listen on {host}:{port}: {e.strerror or e}{hint}") from None
 
 
 # -- context ----------------------------------------------------------------------
@@ -213,6 +242,33 @@ def cmd_root_add(ctx: Context) -> None:
         ("without its head", f"{root.root_params:,} ({_fmt_params(root.root_params)})"),
         ("image size", str(out["image_size"])), ("root path", root.root_path_id),
     ]))
+
+
+def cmd_root_list(ctx: Context) -> None:
+    from sqlalchemy import func, select
+
+    from munet.storage.schema import Root, Task
+
+    with ctx.system().Session() as s:
+        roots = list(s.scalars(select(Root).order_by(Root.id)))
+        tasks = dict(s.execute(select(Task.root_id, func.count()).where(Task.status != "deleted").group_by(Task.root_id)).all())
+        rows = [dict(root_json(r), tasks=int(tasks.get(r.id, 0))) for r in roots]
+    if ctx.json:
+        ctx.print_json(rows)
+        return
+    if not rows:
+        ctx.console.print("no roots yet: add one with `munet root add lite0 --timm tf_efficientnet_lite0 --weights packaged`")
+        return
+    table = Table(title=f"{len(rows)} root(s)", title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False,
+                  collapse_padding=True)
+    for col, justify in (("name", "left"), ("timm model", "left"), ("weights", "left"), ("family", "left"),
+                         ("params", "right"), ("without head", "right"), ("blocks", "right"), ("image size", "right"),
+                         ("tasks", "right")):
+        table.add_column(col, justify=justify, overflow="fold")
+    for r in rows:
+        table.add_row(r["name"], r["timm"], str(r["weights"]), r["family"], _fmt_params(r["params"]),
+                      _fmt_params(r["root_params"]), _fmt(r["depth"]), _fmt(r["image_size"]), str(r["tasks"]))
+    ctx.console.print(table)
 
 
 def _root_components(system, root) -> list[str]:
@@ -449,7 +505,10 @@ def fsck(system) -> dict:
     problems: list[str] = []
     shapes: dict[str, dict[str, list[int]]] = {}
     on_disk = system.store.digests()
-    for digest in sorted(on_disk):
+    from tqdm import tqdm
+
+    # A bar on a terminal only (disable=None): a large store on S3 takes minutes to hash.
+    for digest in tqdm(sorted(on_disk), desc="checking blobs", unit="blob", disable=None, leave=False):
         try:
             data = system.store.read_bytes(digest)
             shapes[digest] = _safetensors_shapes(data)
@@ -590,10 +649,16 @@ def _common(parser: argparse.ArgumentParser, json_flag: bool = False) -> argpars
     return parser
 
 
+def examples_epilog(examples: list[tuple[str, str]]) -> str:
+    return "examples:\n" + "\n".join(f"  {cmd}\n      {what}" for cmd, what in examples)
+
+
 def add_command(subparsers, name: str, handler: Handler, help: str, json_flag: bool = False,
-                **kwargs) -> argparse.ArgumentParser:
-    """Add one command; extension modules use this too."""
+                examples: list[tuple[str, str]] | None = None, **kwargs) -> argparse.ArgumentParser:
+    """Add one command; extension modules use this too. `examples` (command line, what it
+    does) end the command's --help after those of the global EXAMPLES that start with it."""
     parser = subparsers.add_parser(name, help=help, description=help, **kwargs)
+    parser.set_defaults(examples=examples or [])
     _common(parser, json_flag)
     parser.set_defaults(func=handler)
     return parser
@@ -605,14 +670,17 @@ def register_builtin(subparsers) -> None:
     add_command(subparsers, "init", cmd_init, "create the schema and the stores under MUNET_HOME", json_flag=True)
 
     root = subparsers.add_parser("root", help="pretrained roots", description="pretrained roots")
-    root_sub = root.add_subparsers(dest="root_command", metavar="{add}", required=True)
-    p = add_command(root_sub, "add", cmd_root_add, "decompose a timm model into stored components", json_flag=True)
+    root_sub = root.add_subparsers(dest="root_command", metavar="{add,list}", required=True)
+    p = add_command(root_sub, "add", cmd_root_add, "decompose a timm model into stored components", json_flag=True,
+                    examples=[("munet root add vit --timm vit_tiny_patch16_224 --weights random "
+                                            "--model-kwargs '{\"img_size\": 64}'", "a small ViT with random weights")])
     p.add_argument("name", help="root name (a-z, 0-9, '_', '-')")
     p.add_argument("--timm", required=True, metavar="MODEL", help="timm model name, e.g. tf_efficientnet_lite0")
     p.add_argument("--weights", default="packaged", metavar="packaged|hub|random|FILE",
                    help="packaged (offline EfficientNet-Lite0), hub (timm pretrained), random, "
                         "or a .safetensors / timm checkpoint file (default: packaged)")
     p.add_argument("--model-kwargs", metavar="JSON", help="extra timm.create_model arguments, e.g. '{\"img_size\": 64}'")
+    add_command(root_sub, "list", cmd_root_list, "list roots with their parameters and tasks", json_flag=True)
 
     task = subparsers.add_parser("task", help="tasks (data sets and their paths)", description="tasks")
     task_sub = task.add_subparsers(dest="task_command", metavar="{add,list,show,pin,unpin}", required=True)
@@ -650,7 +718,7 @@ def register_extensions(subparsers) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="munet",
         description="munet: one pretrained timm backbone grown into a multitask system of evolving paths.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -660,10 +728,26 @@ def build_parser() -> argparse.ArgumentParser:
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     register_builtin(subparsers)
     register_extensions(subparsers)
-    parser.epilog = "examples:\n" + "\n".join(f"  {cmd}\n      {what}" for cmd, what in EXAMPLES) + (
+    _command_examples(parser)
+    parser.epilog = examples_epilog(EXAMPLES) + (
         "\n\nsettings: MUNET_HOME, MUNET_DB_URL, MUNET_STORE_URL, MUNET_DATA_URL, MUNET_REDIS_URL, MUNET_API_TOKEN"
         "\nMUNET_DEBUG=1 shows tracebacks of unexpected errors.")
     return parser
+
+
+def _command_examples(parser: argparse.ArgumentParser) -> None:
+    """Every command's --help ends with its examples: the global ones that start with its
+    name (`munet task add ...` for `munet task add`) and its own."""
+    for action in parser._actions:
+        if not isinstance(action, argparse._SubParsersAction):
+            continue
+        for sub in action.choices.values():
+            own = sub.get_default("examples") or []
+            examples = [e for e in EXAMPLES if (e[0] + " ").startswith(sub.prog + " ") and e not in own] + own
+            if examples and not sub.epilog:
+                sub.epilog = examples_epilog(examples)
+                sub.formatter_class = argparse.RawDescriptionHelpFormatter
+            _command_examples(sub)
 
 
 # -- entry point --------------------------------------------------------------------------

@@ -54,6 +54,7 @@ def cmd_serve(ctx: "cli.Context") -> int:
     a = ctx.args
     if not 0 < a.port < 65536:
         raise cli.CliError("--port must be between 1 and 65535")
+    cli.check_bindable(a.host, a.port, "--port")
     env = server_env(home, token)
     argv = serve_argv(a.port, a.host, home)
     shown = "localhost" if a.host in ("0.0.0.0", "::") else a.host
@@ -81,6 +82,10 @@ def _post_json(url: str, payload: dict, timeout: float) -> tuple[int, dict]:
 
 def cmd_predict(ctx: "cli.Context") -> int:
     a = ctx.args
+    if a.top < 1:
+        raise cli.CliError("--top must be 1 or more")
+    if a.timeout <= 0:
+        raise cli.CliError("--timeout must be more than 0 seconds")
     blobs = []
     for name in a.images:
         path = Path(name)
@@ -92,7 +97,11 @@ def cmd_predict(ctx: "cli.Context") -> int:
         code, body = _post_json(url, {"task": a.task, "images": blobs, "top": a.top}, a.timeout)
     except (urllib.error.URLError, OSError) as e:
         reason = getattr(e, "reason", e)
+        if isinstance(reason, TimeoutError):
+            raise cli.CliError(f"the server at {a.url} did not answer within {a.timeout:g}s (--timeout)") from None
         raise cli.CliError(f"no munet server at {a.url} ({reason}); start one with `munet serve`") from None
+    except ValueError:  # an answer that is not JSON: something else listens there
+        raise cli.CliError(f"{a.url} answered, but not as a munet server (no JSON)") from None
     if code != 200:
         raise cli.CliError(f"{body.get('error', code)}: {body.get('detail', '')}")
     if ctx.json:
