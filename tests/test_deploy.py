@@ -352,3 +352,24 @@ def test_every_metric_the_dashboard_queries_is_exposed_by_a_server_or_a_worker(c
             missing.setdefault(name, where)
     assert not missing, f"queried but exposed nowhere: {missing}"
     assert "munet_evolver_candidates_total" in worker_samples
+
+
+def test_metrics_of_spawned_workers_reach_the_parent_endpoint_per_worker(tmp_path):
+    """`munet evolve --workers N --metrics-port P`: the workers are spawned processes, so
+    their counters must come through the parent's endpoint, one series per worker."""
+    port = free_port()
+    script = f"""
+import subprocess, sys, urllib.request
+from munet.evolver.metrics import start_metrics, stop_metrics
+folder = start_metrics({port}, spawned_workers=True)
+child = "from munet.evolver.metrics import CANDIDATES as C; C.labels(task='t', outcome='improved', worker=sys.argv[1]).inc(3)"
+for name in ("w0", "w1"):
+    subprocess.run([sys.executable, "-c", "import sys; " + child, name], check=True)
+print(urllib.request.urlopen("http://127.0.0.1:{port}/metrics", timeout=30).read().decode())
+stop_metrics(folder)
+"""
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    values = {s.labels["worker"]: s.value for f in text_string_to_metric_families(proc.stdout) for s in f.samples
+              if s.name == "munet_evolver_candidates_total"}
+    assert values == {"w0": 3.0, "w1": 3.0}
