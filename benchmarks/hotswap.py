@@ -157,6 +157,10 @@ def main() -> None:
     ap.add_argument("--clients", type=int, default=4)
     ap.add_argument("--baseline-seconds", type=float, default=20.0)
     ap.add_argument("--db", choices=["pg", "sqlite"], default="pg")
+    ap.add_argument("--route-refresh-s", type=float, default=None,
+                    help="the gateway's route-table refresh (MUNET_ROUTE_REFRESH_S; server default 0.5 s)")
+    ap.add_argument("--name", default="hotswap", help="result file name")
+    ap.add_argument("--keep-log", default=None, help="copy the server log here")
     args = ap.parse_args()
     if not SHARED_DATA.exists():
         sys.exit(f"benchmark data not found at {SHARED_DATA}")
@@ -176,7 +180,10 @@ def main() -> None:
             task = add_task(system, 3, private_blocks=1)  # an mnist subset
             first = system.task_json(task)["live_path"]
             images = request_images(system, [task])
-            server = munet_server(home, {"MUNET_DB_URL": settings.db_url, "MUNET_REDIS_URL": redis_url})
+            env = {"MUNET_DB_URL": settings.db_url, "MUNET_REDIS_URL": redis_url}
+            if args.route_refresh_s is not None:
+                env["MUNET_ROUTE_REFRESH_S"] = str(args.route_refresh_s)
+            server = munet_server(home, env)
             server.start(timeout=300)
             wait_until(lambda: all_served(server, [task]), 300, "the first path to be served")
             Load(server.url + "/predict", munet_body(images, [task]), clients=args.clients, seconds=3).run()
@@ -215,6 +222,8 @@ def main() -> None:
                 parent, score = done[-1]["path_id"], score + 0.001 * args.commits
             result = load.stop()
             log = (home / f"server-{server.port}.log").read_text(errors="replace")
+            if args.keep_log:
+                Path(args.keep_log).write_text(log)
         finally:
             if server is not None:
                 server.stop()
@@ -248,10 +257,12 @@ def report(args, result, answers, windows, commits, first_seen, swap_hist, loads
     print(table(rows, ["phase", "requests", "rps", "failed", "p50_ms", "p99_ms", "commits", "served", "swap_p50_s",
                        "swap_p99_s", "swap_max_s", "load_check_p50_s", "server_metric_p99"]))
     print(f"\nAll phases: {result['requests']} answered, {result['errors']} failed {result['error_samples']}")
-    path = write("hotswap", {"args": vars(args), "database": "postgresql" if on_pg else "sqlite", "rows": rows,
+    slowest = sorted(answers, key=lambda a: -a[1])[:5]
+    path = write(args.name, {"args": vars(args), "database": "postgresql" if on_pg else "sqlite", "rows": rows,
                              "failed_requests": result["errors"], "failure_samples": result["error_samples"],
                              "swap_latency_histograms": swap_hist, "commits": commits,
-                             "first_seen": first_seen, "load_and_check_s": loads})
+                             "first_seen": first_seen, "load_and_check_s": loads,
+                             "slowest_answers": [{"at": t, "latency_s": lt, "status": st} for t, lt, st in slowest]})
     print(f"\nwrote {path}")
 
 

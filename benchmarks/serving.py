@@ -332,49 +332,69 @@ def measure(system_name: str, url: str, pid: int, predict: str, body_factory, im
 
 
 def in_process(system: System, names: list[str], repeats: int = 20) -> list[dict]:
-    """Forward time of the served path in this process (the server's own stage runner)."""
+    """Forward time in this process: the served path through the server's own stage runner
+    (preprocessing included) against separate timm models on the same inputs. The two arms
+    alternate call by call, so a busy machine slows both alike."""
+    import timm
+
     from server_support import task_images
 
     torch.set_num_threads(os.cpu_count() or 1)
     cache: dict = {}
     paths = {}
     for t in names:
-        info = system.task_json(t)
-        paths[t], _ = system.load_path(info["live_path"]["id"], cache)
-
-    def timed(jobs_fn) -> float:
-        for _ in range(3):
-            jobs_fn()
-        times = []
-        for _ in range(repeats):
-            t0 = time.perf_counter()
-            jobs_fn()
-            times.append(time.perf_counter() - t0)
-        return statistics.median(times)
+        paths[t], _ = system.load_path(system.task_json(t)["live_path"]["id"], cache)
+    separate = {t: timm.create_model("tf_efficientnet_lite0", pretrained=False, num_classes=len(paths[t].classes)).eval()
+                for t in names[:16]}
 
     def job(t: str, x: torch.Tensor):
         p = paths[t]
         return (p.ids, p.modules, models.preprocess(x, p.image_size, p.mean, p.std))
 
+    def alone(t: str, x: torch.Tensor):
+        p = paths[t]
+        return separate[t](models.preprocess(x, p.image_size, p.mean, p.std))
+
+    @torch.inference_mode()
+    def timed(a, b) -> tuple[float, float]:
+        for _ in range(3):
+            a(), b()
+        ta, tb = [], []
+        for _ in range(repeats):
+            for fn, out in ((a, ta), (b, tb)):
+                t0 = time.perf_counter()
+                fn()
+                out.append(time.perf_counter() - t0)
+        return statistics.median(ta), statistics.median(tb)
+
     first = names[0]
     x16 = task_images(system, first, "x_test", 16)
     rows = []
     for b in (1, 16):
-        s = timed(lambda: run_shared([job(first, x16[:b])]))
-        rows.append({"what": f"one path, batch {b}", "ms": s * 1000, "images_per_s": b / s})
+        x = x16[:b]
+        sp, ss = timed(lambda: run_shared([job(first, x)]), lambda: alone(first, x))
+        rows += [{"what": f"munet path, batch {b}", "ms": sp * 1000, "images_per_s": b / sp},
+                 {"what": f"separate timm model, batch {b}", "ms": ss * 1000, "images_per_s": b / ss}]
     mixed = names[:16]
     xs = {t: task_images(system, t, "x_test", 1) for t in mixed}
-    s = timed(lambda: run_shared([job(t, xs[t]) for t in mixed]))
-    rows.append({"what": f"{len(mixed)} paths x 1 image (shared stages once)", "ms": s * 1000, "images_per_s": len(mixed) / s})
-    import timm
-
-    model = timm.create_model("tf_efficientnet_lite0", pretrained=False, num_classes=10).eval()
-    for b in (1, 16):
-        x = torch.randn(b, 3, IMAGE_SIZE, IMAGE_SIZE)
-        with torch.inference_mode():
-            s = timed(lambda: model(x))
-        rows.append({"what": f"separate timm model, batch {b}", "ms": s * 1000, "images_per_s": b / s})
+    sp, ss = timed(lambda: run_shared([job(t, xs[t]) for t in mixed]), lambda: [alone(t, xs[t]) for t in mixed])
+    rows += [{"what": f"{len(mixed)} munet paths x 1 image (shared stages run once)", "ms": sp * 1000,
+              "images_per_s": len(mixed) / sp},
+             {"what": f"{len(mixed)} separate models x 1 image", "ms": ss * 1000, "images_per_s": len(mixed) / ss}]
     return rows
+
+
+def forward_only(args) -> None:
+    """Re-measure only the in-process forward times (16 tasks) into the existing result."""
+    with tempfile.TemporaryDirectory() as tmp:
+        system = new_installation(tmp)
+        names = [add_task(system, i) for i in range(16)]
+        forward = in_process(system, names)
+        system.engine.dispose()
+    from _common import RESULTS
+
+    payload = json.loads((RESULTS / "serving.json").read_text())
+    report(payload["rows"], forward, argparse.Namespace(**payload["args"]))
 
 
 def main() -> None:
@@ -383,7 +403,10 @@ def main() -> None:
     ap.add_argument("--seconds", type=float, default=20.0)
     ap.add_argument("--clients", type=int, default=16)
     ap.add_argument("--skip-separate", action="store_true")
+    ap.add_argument("--forward-only", action="store_true", help="only the in-process forward times, into the last result")
     args = ap.parse_args()
+    if args.forward_only:
+        return forward_only(args)
     if not SHARED_DATA.exists():
         sys.exit(f"benchmark data not found at {SHARED_DATA}")
     counts = [0] + sorted(set(args.tasks))
