@@ -121,6 +121,8 @@ class MunetExecutor:
 
     @bentoml.api(batchable=True, max_batch_size=MAX_BATCH, max_latency_ms=MAX_LATENCY_MS)
     def infer(self, items: list[InferItem]) -> list[InferResult]:
+        if not self.listener.ready.is_set():  # a restarted executor knows no task yet: an outage (503), not a 404
+            return [InferResult(error="executor_error", detail="the executor is still loading the live paths") for _ in items]
         try:
             results = self.executor.infer([_to_item(it) for it in items])
         except Exception as e:  # noqa: BLE001 - reported per item; the gateway answers 503
