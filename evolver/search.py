@@ -139,7 +139,13 @@ def _mutate_adapters(hp: dict, cfg: EvolverConfig, rng: random.Random, log: list
             log.append(f"adapter:{i}/w{hp['adapter_width']}")
 
 
-def mutate_inputs(best_hp: dict, cfg: EvolverConfig, root_config: dict, rng: random.Random) -> tuple[dict, list[str]]:
+# Saturation and hue jitter leave a grey image (three equal channels) exactly as it was, so
+# mutating them on a greyscale task would only switch the prefix cache off for nothing.
+COLOUR_ONLY = ("saturation", "hue")
+
+
+def mutate_inputs(best_hp: dict, cfg: EvolverConfig, root_config: dict, rng: random.Random,
+                  colour: bool = True) -> tuple[dict, list[str]]:
     """Input settings (image size, augmentation) drawn once per generation from the task's
     current best path, mutated, and shared by all of the generation's candidates."""
     arch, aug = best_hp["arch"], dict(best_hp["aug"])
@@ -153,7 +159,7 @@ def mutate_inputs(best_hp: dict, cfg: EvolverConfig, root_config: dict, rng: ran
             log.append(f"image_size:{size}->{new}")
             size = new
     for key in AUG_KEYS:
-        if rng.random() < p:
+        if rng.random() < p and (colour or key not in COLOUR_ONLY):
             old = aug[key]
             aug[key] = step(VALUES[key], old, rng)
             if aug[key] != old:

@@ -231,7 +231,8 @@ class Visit:
                 break
             best = max(self.population, key=lambda e: e.score, default=None)
             inputs, input_log = search.mutate_inputs(best.hparams if best else self.seeds[-1].hparams,
-                                                     self.cfg, self.root_config, self.rng)
+                                                     self.cfg, self.root_config, self.rng,
+                                                     colour=self.data.x["train"].shape[-1] != 1)
             bar = tqdm(total=self.cfg.candidates, desc=f"{self.task_name} gen {gen + 1}/{self.cfg.generations}",
                        disable=not self.progress, leave=False, dynamic_ncols=True)
             for _ in range(self.cfg.candidates):

@@ -74,6 +74,20 @@ def test_input_settings_mutate_within_allowed_sizes():
     assert sizes <= set(cfg.image_sizes) and len(sizes) > 1
 
 
+def test_greyscale_tasks_never_mutate_colour_jitter_that_would_be_a_no_op():
+    cfg = cpu_preset().replace(evolve_mu=False)
+    hp = search.initial_hparams(cfg, LITE0, 10)
+    hp["mu"]["input"] = 1.0
+    grey, colour = set(), set()
+    for seed in range(20):
+        _, log = search.mutate_inputs(hp, cfg, LITE0, random.Random(seed), colour=False)
+        grey.update(entry.split(":")[0] for entry in log)
+        _, log = search.mutate_inputs(hp, cfg, LITE0, random.Random(seed), colour=True)
+        colour.update(entry.split(":")[0] for entry in log)
+    assert not grey & {"saturation", "hue"} and {"brightness", "contrast"} <= grey
+    assert {"saturation", "hue"} <= colour
+
+
 def test_parent_selection_prefers_the_best_path_and_decays_with_children():
     rng = random.Random(0)
     best = search.Member("best", {}, 0.9, 0.9)
