@@ -257,18 +257,20 @@ def train_candidate(cand: Candidate, data: TaskData, cfg: EvolverConfig, cache: 
         total = max(1, round(cfg.max_epochs * steps_per_epoch))
         intervals = min(intervals, total)
         steps_per_interval = math.ceil(total / intervals)
-        intervals = math.ceil(total / steps_per_interval)
-    total = steps_per_interval * intervals
+    else:
+        total = steps_per_interval * intervals
+    # Interval j ends after total * (j + 1) // intervals steps, so no interval runs past the cap.
+    ends = [total * (j + 1) // intervals for j in range(intervals)]
     gen = torch.Generator().manual_seed(zlib.crc32(f"{cfg.seed}:{cand.ids}".encode()))
     best, best_acc, best_state, curve, examples, step = start_score, None, None, [], 0, 0
     y_train = data.y["train"]
     order = torch.randperm(n, generator=gen)
     cursor = 0
-    for interval in range(intervals):
+    for interval, end in enumerate(ends):
         set_modes(cand, training=True)
         # Convs on tiny maps as matmuls while training (evolver/fastconv.py); eval uses stock layers.
         with small_map_convs(suffix) if device == "cpu" else contextlib.nullcontext():
-            for _ in range(steps_per_interval):
+            while step < end:
                 if cursor >= n:
                     order, cursor = torch.randperm(n, generator=gen), 0
                 idx = order[cursor:cursor + cfg.batch_size]
