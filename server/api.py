@@ -6,7 +6,10 @@ one item per image to the executor's batchable API; the executor batches items o
 requests and tasks together. Routes, auth (bearer token, constant-time compare), the body
 limit (413) and the error shape `{"error": CODE, "detail": TEXT}` all live here. A 5xx is
 never the answer to an input: 503 with Retry-After means overload (queue bound, deadline)
-or an outage (executor or database unreachable).
+or an outage (executor or database unreachable). A restarting executor is not an outage
+for a request that can wait: calls that fail at the connection level, or that the executor
+answers with "still loading", are sent again with backoff until the request's deadline
+(`Gateway.ride_out`); overload and per-item errors are never retried.
 """
 from __future__ import annotations
 
@@ -211,11 +214,24 @@ class Backend(Protocol):
 
 
 class Overloaded(Exception):
-    pass
+    """The executor's queue is full: 503 `overloaded` at once (never retried)."""
 
 
 class Outage(Exception):
-    pass
+    """The executor failed: 503 `executor_unavailable` at once."""
+
+
+class ExecutorDown(Outage):
+    """A connection-level failure: the executor is unreachable, restarting, or still loading
+    its live paths (`error` "not_ready"). Inference is idempotent, so the gateway sends the
+    call again until the request's deadline (`Gateway.ride_out`)."""
+
+    def __init__(self, detail: str, error: str = "executor_unavailable"):
+        super().__init__(detail)
+        self.error = error
+
+
+RETRY_FIRST_S, RETRY_MAX_S = 0.1, 1.0  # backoff while the executor is down: 0.1 s doubling to 1 s
 
 
 @dataclass
@@ -230,6 +246,7 @@ class Gateway:
     def __post_init__(self):
         self.version = -1
         self.ready = False
+        self.health: dict = {}  # the executor's `SwapListener.health()`, from the route table
         self.tasks: dict[str, dict] = {}
         self.fetched_at = 0.0
         self.inflight = 0
@@ -254,6 +271,7 @@ class Gateway:
                 self.tasks = table["tasks"]
             self.version = table.get("version", self.version)
             self.ready = bool(table.get("ready"))
+            self.health = table.get("health") or {}
             self.fetched_at = time.monotonic()
         finally:
             fut, self._refreshing = self._refreshing, None
@@ -275,7 +293,16 @@ class Gateway:
                 log.debug("route refresh failed: %s", e)
             await asyncio.sleep(self.limits.route_refresh_s)
 
+    def readiness(self) -> dict:
+        """/readyz's body once BentoML says ready: degraded while a part is down (the
+        executor's view, from the route table), yet still in rotation."""
+        down = list(self.health.get("degraded") or [])
+        if not down:
+            return {"status": "ready"}
+        return {"status": "degraded", "degraded": down, "detail": self.health.get("detail") or ", ".join(down) + " down"}
+
     async def route(self, task: str) -> dict | None:
+        """The task's route table entry; ExecutorDown while the executor is unreachable or loading."""
         try:
             if not self.ready or time.monotonic() - self.fetched_at > 5 * self.limits.route_refresh_s + 1:
                 await self.refresh_routes()
@@ -283,11 +310,39 @@ class Gateway:
             if info is None or not info.get("path_id"):
                 await self.refresh_routes()  # a task (or its first path) may be brand new; cheap when unchanged
                 info = self.tasks.get(task)
+        except ExecutorDown:
+            raise
         except Exception as e:  # noqa: BLE001
             raise unavailable("executor_unavailable", f"the executor is not reachable ({type(e).__name__})") from None
         if not self.ready:
-            raise unavailable("not_ready", "the server is still loading the live paths", retry_after=2)
+            raise ExecutorDown("the server is still loading the live paths", error="not_ready")
         return info
+
+    async def ride_out(self, call, deadline: float):
+        """`await call()` until it succeeds, sending it again with backoff while the executor is
+        down (ExecutorDown: a killed executor worker that BentoML's arbiter respawns, then
+        reloads the live paths), until `deadline` (time.monotonic()); then 503 with
+        Retry-After. Other errors pass at once: overload, per-item errors, a failing executor."""
+        delay = RETRY_FIRST_S
+        while True:
+            left = deadline - time.monotonic()
+            try:
+                if left <= 0:
+                    raise asyncio.TimeoutError
+                return await asyncio.wait_for(call(), left)
+            except asyncio.TimeoutError:
+                metrics.OVERLOAD.labels(reason="deadline").inc()
+                raise unavailable("deadline_exceeded", f"no answer within {self.limits.deadline_s:g} s; "
+                                                       "retry shortly") from None
+            except ExecutorDown as e:
+                self.version = -1  # a successor knows other versions: take its whole route table next
+                if deadline - time.monotonic() <= delay:
+                    raise unavailable(e.error, f"{e}; not back within the request's deadline "
+                                               f"({self.limits.deadline_s:g} s)",
+                                      retry_after=2 if e.error == "not_ready" else 1) from None
+                log.debug("executor down (%s); retrying in %.1fs", e, delay)
+                await asyncio.sleep(delay)
+                delay = min(2 * delay, RETRY_MAX_S)
 
     # -- prediction ---------------------------------------------------------------------------
     async def predict(self, task: str, blobs: list[bytes] | list[str], top: int, base64: bool) -> dict:
@@ -301,8 +356,9 @@ class Gateway:
             raise unavailable("overloaded", f"more than {self.limits.max_inflight} requests in flight; retry shortly")
         self.inflight += 1
         metrics.INFLIGHT.inc()
+        deadline = time.monotonic() + self.limits.deadline_s
         try:
-            info = await self.route(task)
+            info = await self.ride_out(lambda: self.route(task), deadline)
             if info is None:
                 raise ApiError(404, "unknown_task", f"no task named {task!r}")
             label = task
@@ -314,7 +370,7 @@ class Gateway:
                                                        f"{self.limits.max_images} are allowed")
             arrays, pixels = await self._decode(blobs, int(info.get("channels") or 3), base64)
             try:
-                result = await self._run(task, info, arrays, top)
+                result = await self._run(task, info, arrays, top, deadline)
             finally:
                 self._release_pixels(pixels)
             metrics.IMAGES.labels(task=task).inc(len(arrays))
@@ -372,15 +428,12 @@ class Gateway:
 
         return await run_in_threadpool(work)
 
-    async def _run(self, task: str, info: dict, arrays: list[np.ndarray], top: int) -> dict:
+    async def _run(self, task: str, info: dict, arrays: list[np.ndarray], top: int, deadline: float) -> dict:
         path_id = info["path_id"]
         for attempt in range(2):
             items = [Item(task=task, pixels=a, path_id=path_id, top=top) for a in arrays]
             try:
-                results = await asyncio.wait_for(self.backend.infer(items), self.limits.deadline_s)
-            except asyncio.TimeoutError:
-                metrics.OVERLOAD.labels(reason="deadline").inc()
-                raise unavailable("deadline_exceeded", f"no answer within {self.limits.deadline_s:g} s; retry shortly") from None
+                results = await self.ride_out(lambda: self.backend.infer(items), deadline)
             except Overloaded:
                 metrics.OVERLOAD.labels(reason="executor_queue").inc()
                 raise unavailable("overloaded", "the executor's queue is full; retry shortly") from None
@@ -546,6 +599,32 @@ class RefusePickle:
         await self.app(scope, receive, send)
 
 
+async def _rewrite_response(app, scope, receive, send, hold, rewrite) -> None:
+    """Run `app`, holding back each response whose start message `hold(start)` picks: its body
+    is collected and `rewrite(status, headers, body)` says what goes out instead, a
+    `_json_response_bytes` pair, or None to send the response unchanged."""
+    held: dict | None = None
+    chunks: list[bytes] = []
+
+    async def wrapped_send(message):
+        nonlocal held
+        if message["type"] == "http.response.start" and hold(message):
+            held = message
+            return
+        if held is None or message["type"] != "http.response.body":
+            return await send(message)
+        chunks.append(message.get("body", b""))
+        if message.get("more_body"):
+            return
+        data = b"".join(chunks)
+        out = rewrite(held["status"], held.get("headers", []), data)
+        start, data = out if out is not None else (held, data)
+        await send(start)
+        await send({"type": "http.response.body", "body": data})
+
+    await app(scope, receive, wrapped_send)
+
+
 class JsonErrors:
     """ASGI middleware for the whole BentoML app: error responses that are not JSON (BentoML's
     own 404, 405, /readyz 503, its concurrency limit) get the {"error","detail"} body."""
@@ -556,39 +635,53 @@ class JsonErrors:
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        held: dict | None = None
-        chunks: list[bytes] = []
 
-        async def wrapped_send(message):
-            nonlocal held
-            if message["type"] == "http.response.start":
-                status = message["status"]
-                ctype = b""
-                for k, v in message.get("headers", []):
-                    if k.lower() == b"content-type":
-                        ctype = v
-                if status >= 400 and b"json" not in ctype:
-                    held = message
-                    return
-                await send(message)
-                return
-            if held is not None and message["type"] == "http.response.body":
-                chunks.append(message.get("body", b""))
-                if message.get("more_body"):
-                    return
-                status = held["status"]
-                text = b"".join(chunks).decode("utf-8", "replace").strip() or _STATUS_CODES.get(status, "error")
-                extra = {k.decode("latin-1"): v.decode("latin-1") for k, v in held.get("headers", [])
-                         if k.lower() in (b"retry-after", b"www-authenticate", b"allow")}
-                if status == 503 and "Retry-After" not in {k.title() for k in extra}:
-                    extra["Retry-After"] = "1"
-                start, body = _json_response_bytes(status, error_body(_STATUS_CODES.get(status, "error"), text[:500]), extra)
-                await send(start)
-                await send({"type": "http.response.body", "body": body})
-                return
-            await send(message)
+        def hold(start) -> bool:
+            ctype = b""
+            for k, v in start.get("headers", []):
+                if k.lower() == b"content-type":
+                    ctype = v
+            return start["status"] >= 400 and b"json" not in ctype
 
-        await self.app(scope, receive, wrapped_send)
+        def rewrite(status, headers, data):
+            text = data.decode("utf-8", "replace").strip() or _STATUS_CODES.get(status, "error")
+            extra = {k.decode("latin-1"): v.decode("latin-1") for k, v in headers
+                     if k.lower() in (b"retry-after", b"www-authenticate", b"allow")}
+            if status == 503 and "Retry-After" not in {k.title() for k in extra}:
+                extra["Retry-After"] = "1"
+            return _json_response_bytes(status, error_body(_STATUS_CODES.get(status, "error"), text[:500]), extra)
+
+        await _rewrite_response(self.app, scope, receive, send, hold, rewrite)
+
+
+class Readiness:
+    """ASGI middleware for the whole BentoML app: BentoML answers `GET /readyz` (200 once every
+    live path is loaded, through `__is_ready__`); this gives the answer a JSON body. 200 stays
+    200, so an outage of PostgreSQL or Redis never takes the server out of rotation, but the
+    body says so: `{"status": "ready"}` or `{"status": "degraded", "degraded": ["database"],
+    "detail": ...}` (the gateway's `readiness()`, from the route table it polls anyway). A 503
+    becomes `{"error": "not_ready", ...}` with Retry-After."""
+
+    def __init__(self, app, get_gateway):
+        self.app = app
+        self.get_gateway = get_gateway
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http" or scope.get("path") != "/readyz" or scope.get("method") != "GET":
+            return await self.app(scope, receive, send)
+
+        def rewrite(status, headers, data):
+            if status == 200:
+                gw = self.get_gateway()
+                return _json_response_bytes(200, gw.readiness() if gw is not None else {"status": "ready"})
+            if status == 503:
+                why = data.decode("utf-8", "replace").strip()[:200]
+                return _json_response_bytes(503, error_body("not_ready", "the live paths are not loaded yet, or the "
+                                                            f"executor is restarting; retry shortly ({why})"),
+                                            {"Retry-After": "2"})
+            return None
+
+        await _rewrite_response(self.app, scope, receive, send, lambda start: True, rewrite)
 
 
 class IndexPage:

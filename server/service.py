@@ -14,8 +14,14 @@ Two services, as DESIGN.md fixes:
   It owns the module cache and the swap listener, started in `@bentoml.on_startup`.
 
 BentoML's own /readyz asks `__is_ready__` of both services (ready once the live paths are
-loaded; it stays ready while the database is down), and its /metrics aggregates every
-worker's Prometheus metrics (multiprocess mode; `server.metrics`).
+loaded; it stays ready while the database is down); `api.Readiness` gives its answer a JSON
+body that says what is down (`{"status": "degraded", "degraded": ["database"], ...}`). Its
+/metrics aggregates every worker's Prometheus metrics (multiprocess mode; `server.metrics`).
+
+A killed executor worker is respawned by BentoML's arbiter; the gateway rides out the
+restart (`api.Gateway.ride_out`): a call that fails at the connection level, or that the
+successor answers with "still loading", is sent again with backoff until the request's
+deadline, so clients see the restart as latency, not as errors.
 """
 from __future__ import annotations
 
@@ -121,8 +127,8 @@ class MunetExecutor:
 
     @bentoml.api(batchable=True, max_batch_size=MAX_BATCH, max_latency_ms=MAX_LATENCY_MS)
     def infer(self, items: list[InferItem]) -> list[InferResult]:
-        if not self.listener.ready.is_set():  # a restarted executor knows no task yet: an outage (503), not a 404
-            return [InferResult(error="executor_error", detail="the executor is still loading the live paths") for _ in items]
+        if not self.listener.ready.is_set():  # a restarted executor knows no task yet: not ready (retried), not a 404
+            return [InferResult(error="not_ready", detail="the executor is still loading the live paths") for _ in items]
         try:
             results = self.executor.infer([_to_item(it) for it in items])
         except Exception as e:  # noqa: BLE001 - reported per item; the gateway answers 503
@@ -134,7 +140,7 @@ class MunetExecutor:
     def routes(self, since: int = -1) -> dict:
         from .swap import route_table
 
-        return route_table(self.executor, self.listener.ready.is_set(), since)
+        return route_table(self.executor, self.listener.ready.is_set(), since, self.listener.health())
 
     @bentoml.api
     def status(self) -> dict:
@@ -157,7 +163,9 @@ class BentoBackend:
 
     async def _call(self, name: str, *args, **kwargs):
         """Call an executor API. Calls are idempotent, so a connection the executor closed
-        while idle (keep-alive race) or a restarting executor gets two more tries."""
+        while idle (keep-alive race) gets two quick tries more; a transport error after that
+        is `api.ExecutorDown`, which the gateway retries until the request's deadline (a
+        restarting executor). An HTTP error answer is not retried: 429/503 is overload."""
         from bentoml.exceptions import BentoMLException
 
         for attempt in range(3):
@@ -173,7 +181,7 @@ class BentoBackend:
                 if not transport:
                     raise
                 if attempt == 2:
-                    raise api.Outage(f"the executor is not reachable ({type(e).__name__})") from None
+                    raise api.ExecutorDown(f"the executor is not reachable ({type(e).__name__})") from None
                 await asyncio.sleep(0.05 * (attempt + 1))
 
     async def infer(self, items: list[Item]) -> list[Result]:
@@ -185,6 +193,8 @@ class BentoBackend:
             d = o if isinstance(o, dict) else o.model_dump()
             results.append(Result(path_id=d.get("path_id"), top=[(int(a), float(b)) for a, b in d.get("top") or []],
                                   error=d.get("error"), detail=d.get("detail")))
+        if any(r.error == "not_ready" for r in results):  # a restarted executor loading its live paths
+            raise api.ExecutorDown(next(r.detail for r in results if r.error == "not_ready"), error="not_ready")
         if any(r.error == "executor_error" for r in results):
             raise api.Outage(next(r.detail for r in results if r.error == "executor_error"))
         return results
@@ -250,3 +260,4 @@ Munet.add_asgi_middleware(api.JsonErrors)
 Munet.add_asgi_middleware(api.RefusePickle)
 MunetExecutor.add_asgi_middleware(api.RefusePickle)
 Munet.add_asgi_middleware(api.IndexPage)  # GET / is the web page, not BentoML's Swagger page
+Munet.add_asgi_middleware(api.Readiness, get_gateway=lambda: api.app.state.gateway)  # /readyz says what is down

@@ -277,6 +277,19 @@ class SwapListener:
             return None
 
     # -- reports --------------------------------------------------------------------------------
+    def health(self) -> dict:
+        """What is down while serving continues (`/status`'s `degraded`, `/readyz`'s body):
+        {"degraded": ["database", "redis"] (those down), "detail": text or None}."""
+        down, why = [], []
+        if self.db_up is False:
+            down.append("database")
+            why.append(f"the database is not reachable ({self.db_error}): loaded paths keep serving, "
+                       "task routes answer 503 until it returns")
+        if self.redis_url and not self.redis_connected:
+            down.append("redis")
+            why.append(f"Redis is not connected ({self.redis_error or 'connecting'}): swaps arrive by the SQL poll")
+        return {"degraded": down, "detail": "; ".join(why) or None}
+
     def status(self) -> dict:
         table = self.executor.table
         tasks = {}
@@ -290,7 +303,7 @@ class SwapListener:
             }
         return {
             "ready": self.ready.is_set(),
-            "degraded": self.db_up is False or (bool(self.redis_url) and not self.redis_connected),
+            "degraded": bool(self.health()["degraded"]),
             "database": {"up": self.db_up, "error": self.db_error, "last_poll": self.last_poll,
                          "poll_interval_s": self.poll_interval},
             "redis": {"configured": bool(self.redis_url), "connected": self.redis_connected, "error": self.redis_error,
@@ -306,21 +319,23 @@ class SwapListener:
         }
 
 
-def route_table(executor: Executor, ready: bool, since: int = -1) -> dict:
+def route_table(executor: Executor, ready: bool, since: int = -1, health: dict | None = None) -> dict:
     """What the gateway needs to route a request: per task, the path in service (or why none),
-    its image channels and class names. Unchanged since `since`: only the version."""
+    its image channels and class names. Unchanged since `since`: only the version. `health`
+    (`SwapListener.health`) always comes along, so the gateway's /readyz knows what is down
+    from the route table it polls anyway, without a database call per probe."""
     from .executor import no_path_detail
 
     t = executor.table
     if since == t.version:
-        return {"version": t.version, "ready": ready}
+        return {"version": t.version, "ready": ready, "health": health}
     tasks = {}
     for name, st in t.tasks.items():
         cur = t.current.get(name)
         tasks[name] = {"status": st.status, "path_id": cur.path_id if cur else None, "live_path_id": st.live_path_id,
                        "image_size": cur.image_size if cur else None, "channels": st.channels,
                        "classes": list(st.classes), "detail": None if cur else no_path_detail(st)}
-    return {"version": t.version, "ready": ready, "tasks": tasks}
+    return {"version": t.version, "ready": ready, "health": health, "tasks": tasks}
 
 
 class LocalBackend:
@@ -341,7 +356,7 @@ class LocalBackend:
         return await run_in_threadpool(self._infer, items)
 
     async def routes(self, since: int) -> dict:
-        return route_table(self.executor, self.listener.ready.is_set(), since)
+        return route_table(self.executor, self.listener.ready.is_set(), since, self.listener.health())
 
     async def status(self) -> dict:
         return self.listener.status()
