@@ -429,7 +429,9 @@ class Gateway:
         return await run_in_threadpool(work)
 
     async def _run(self, task: str, info: dict, arrays: list[np.ndarray], top: int, deadline: float) -> dict:
-        path_id = info["path_id"]
+        # The executor resolves the task's current path when the batch runs, not the gateway's
+        # route table (up to one refresh old), so a swap reaches clients as soon as it is installed.
+        path_id = None
         for attempt in range(2):
             items = [Item(task=task, pixels=a, path_id=path_id, top=top) for a in arrays]
             try:
@@ -450,7 +452,7 @@ class Gateway:
             paths = {r.path_id for r in results}
             if len(paths) == 1:
                 break
-            path_id = None  # a swap split this request across paths: run it again on the current one
+            path_id = results[-1].path_id  # a swap split this request across paths: rerun it all on one
         else:
             raise unavailable("swapping", "the task's path changed during the request; retry")
         classes = info.get("classes") or []
