@@ -11,7 +11,7 @@ real server (`munet serve`, its own processes) is started on the same installati
 measured after every live path is loaded and warmed up:
 
 - added memory: RSS(N) - RSS(0), summed over the server's process tree (PSS beside it),
-  after the load runs; the unique bytes of the component cache (`munet_cache_bytes`);
+  after the load runs, and its peak sampled every 0.5 s during the mixed-task load; the unique bytes of the component cache (`munet_cache_bytes`);
 - a closed-loop load on loopback (`--clients` concurrent clients, `--seconds` each run):
   uniform random task per request ("mixed"), then every request to one task ("single");
   requests/s and p50/p99 latency;
@@ -133,6 +133,28 @@ def tree_memory(pid: int) -> dict:
             rss += info.rss
             pss += getattr(info, "pss", info.rss)
     return {"rss": rss, "pss": pss, "processes": len(procs)}
+
+
+class PeakMemory:
+    """The largest tree RSS sampled every `every` s while the block runs (memory under load,
+    beside the RSS after it, which may have shrunk back)."""
+
+    def __init__(self, pid: int, every: float = 0.5):
+        self.pid, self.every, self.rss = pid, every, 0
+        self._stop = threading.Event()
+
+    def _sample(self) -> None:
+        while not self._stop.wait(self.every):
+            self.rss = max(self.rss, tree_memory(self.pid)["rss"])
+
+    def __enter__(self) -> "PeakMemory":
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
 
 
 def scrape(url: str) -> dict[str, float]:
@@ -310,8 +332,10 @@ def measure(system_name: str, url: str, pid: int, predict: str, body_factory, im
         while answered < 50 and time.time() - t0 < 60:
             answered += Load(url + predict, body_factory(images, names), clients=args.clients, seconds=3).run()["requests"]
         before = scrape(metrics_url) if metrics_url else {}
-        mixed = Load(url + predict, body_factory(images, names), clients=args.clients, seconds=args.seconds,
-                     seed=1).run()
+        with PeakMemory(pid) as peak:
+            mixed = Load(url + predict, body_factory(images, names), clients=args.clients, seconds=args.seconds,
+                         seed=1).run()
+        row["tree_rss_peak"] = peak.rss
         after = scrape(metrics_url) if metrics_url else {}
         single = Load(url + predict, body_factory(images, names[:1]), clients=args.clients, seconds=args.seconds,
                       seed=2).run()
@@ -454,6 +478,8 @@ def report(rows: list[dict], forward: list[dict], args) -> None:
         if b:
             r["added_rss_mb"] = (r["tree_rss"] - b["tree_rss"]) / 2**20
             r["added_pss_mb"] = (r["tree_pss"] - b["tree_pss"]) / 2**20
+            if r.get("tree_rss_peak"):
+                r["added_rss_peak_mb"] = (r["tree_rss_peak"] - b["tree_rss"]) / 2**20
         o = one.get(r["system"])
         if o and r["tasks"] and o.get("added_rss_mb"):
             r["added_vs_n1"] = r["added_rss_mb"] / o["added_rss_mb"]
@@ -461,7 +487,7 @@ def report(rows: list[dict], forward: list[dict], args) -> None:
             r["cache_mb"] = r["cache_bytes"] / 2**20
         if r.get("single_rps"):
             r["mixed_vs_single"] = r["mixed_rps"] / r["single_rps"]
-    cols = ["system", "tasks", "added_rss_mb", "added_pss_mb", "added_vs_n1", "cache_mb", "mixed_rps", "mixed_p50_ms",
+    cols = ["system", "tasks", "added_rss_mb", "added_rss_peak_mb", "added_pss_mb", "added_vs_n1", "cache_mb", "mixed_rps", "mixed_p50_ms",
             "mixed_p99_ms", "single_rps", "single_p50_ms", "single_p99_ms", "mixed_vs_single", "mixed_mean_batch",
             "mixed_errors", "single_errors"]
     print(f"\nServing: {args.clients} closed-loop clients, {args.seconds:g} s per run, one 32x32 PNG per request, "

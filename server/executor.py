@@ -13,10 +13,18 @@ The table is replaced, never mutated: a reader takes one snapshot per batch, so 
 atomic and an in-flight batch finishes on the path it started with. A swapped-out path is
 kept `grace` seconds so that requests already routed to it finish on it too; after that
 its components are released from the cache unless another served path uses them.
+
+Activations of a batch are freed when it ends, but glibc keeps freed heap pages (measured:
+~77 MB of an executor's resident memory after a burst of mixed batches was free heap).
+`HeapTrimmer` hands them back to the OS at most every `MUNET_MALLOC_TRIM_S` seconds (~1 ms
+a call), so resident memory follows the tasks served rather than the largest burst seen.
 """
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import logging
+import os
 import threading
 import time
 from collections import OrderedDict
@@ -31,6 +39,29 @@ from munet import models
 from . import metrics
 
 log = logging.getLogger("munet.server")
+
+
+class HeapTrimmer:
+    """Return free heap pages to the OS (glibc `malloc_trim`), at most every `interval` s."""
+
+    def __init__(self, interval: float | None = None):
+        self.interval = float(os.environ.get("MUNET_MALLOC_TRIM_S", "0.5")) if interval is None else interval
+        self.last = 0.0
+        self._trim = None
+        name = ctypes.util.find_library("c")
+        if self.interval > 0 and name:
+            try:
+                self._trim = ctypes.CDLL(name).malloc_trim  # glibc only; elsewhere a no-op
+            except (OSError, AttributeError):
+                self._trim = None
+
+    def __call__(self, force: bool = False) -> bool:
+        now = time.monotonic()
+        if self._trim is None or (not force and now - self.last < self.interval):
+            return False
+        self.last = now
+        self._trim(0)
+        return True
 
 
 @dataclass(frozen=True)
@@ -180,6 +211,7 @@ class Executor:
         self.table = Table({}, {}, {}, {})
         self._lock = threading.RLock()  # writers only; readers take `self.table` once
         self.last_stats = Stats()
+        self.trim_heap = HeapTrimmer()
 
     # -- the table (written by the swap listener) ----------------------------------------------
     def snapshot(self) -> Table:
@@ -246,7 +278,9 @@ class Executor:
                 del self.cache[cid]
             if dropped or expired:
                 self._gauges()
-            return len(dropped)
+        if dropped:
+            self.trim_heap(force=True)
+        return len(dropped)
 
     def _gauges(self) -> None:
         metrics.SERVED_TASKS.set(len(self.table.current))
@@ -318,6 +352,7 @@ class Executor:
             metrics.BATCH_SIZE.observe(n)
             metrics.BATCH_TASKS.observe(len({chosen[i].task for i in chosen}))
         metrics.BATCH_LATENCY.observe(time.perf_counter() - t0)
+        self.trim_heap()
         return results  # type: ignore[return-value]
 
     def logits_of(self, served: Served, x_uint8: torch.Tensor) -> torch.Tensor:
