@@ -11,17 +11,22 @@ import functools
 import json
 
 import timm
+import torch
 from torch import nn
 
 
 @functools.lru_cache(maxsize=8)
-def _skeleton(timm_name: str, kwargs_json: str) -> nn.Module:
-    return timm.create_model(timm_name, pretrained=False, **json.loads(kwargs_json)).eval()
+def _skeleton(timm_name: str, kwargs_json: str, device: str) -> nn.Module:
+    with torch.device(device):
+        return timm.create_model(timm_name, pretrained=False, **json.loads(kwargs_json)).eval()
 
 
 def skeleton(config: dict) -> nn.Module:
-    """An uninitialised-weights timm model of the root's architecture, built once per process."""
-    return _skeleton(config["timm"], json.dumps(config.get("model_kwargs", {}), sort_keys=True))
+    """An uninitialised-weights timm model of the root's architecture, built once per process
+    and default device: under `torch.device("meta")` it holds no memory (components whose
+    weights are loaded next need none)."""
+    device = str(torch.empty(0).device)
+    return _skeleton(config["timm"], json.dumps(config.get("model_kwargs", {}), sort_keys=True), device)
 
 
 def copy_of(module: nn.Module) -> nn.Module:

@@ -10,6 +10,7 @@ import datetime as dt
 from pathlib import Path as FilePath
 
 from sqlalchemy import func, select
+import torch
 from torch import nn
 
 from munet import models
@@ -68,8 +69,15 @@ class System:
             return s.get(Root, root_id)
 
     def build_component(self, row: Component, config: dict) -> nn.Module:
-        module = models.family_for(config["timm"]).build(config, row.name, row.meta)
-        module.load_state_dict(self.store.get(row.blob_hash), strict=True)
+        # Built on the meta device and given the stored tensors themselves (assign): no
+        # initialised weights to copy over, no full-model skeleton resident in every process.
+        family = models.family_for(config["timm"])
+        with torch.device("meta"):
+            module = family.build(config, row.name, row.meta)
+        module.load_state_dict(self.store.get(row.blob_hash), strict=True, assign=True)
+        if any(t.is_meta for t in (*module.parameters(), *module.buffers())):  # a buffer outside the state dict
+            module = family.build(config, row.name, row.meta)
+            module.load_state_dict(self.store.get(row.blob_hash), strict=True)
         return module.eval().requires_grad_(False)
 
     def load_path(self, path_id: str, cache: dict[str, nn.Module] | None = None) -> tuple[models.Path, PathRow]:
