@@ -29,6 +29,8 @@ REQUEST_LATENCY = Histogram("munet_request_duration_seconds", "Prediction reques
                             ["task"], buckets=LATENCY_BUCKETS)
 IMAGES = Counter("munet_images", "Images classified, by task", ["task"])
 INFLIGHT = Gauge("munet_inflight_requests", "Prediction requests being answered now", multiprocess_mode="livesum")
+EXECUTOR_RETRIES = Counter("munet_executor_retries", "Executor calls the gateway sent again: the executor was down or "
+                           "restarting, or an answer was lost", ["reason"])
 OVERLOAD = Counter("munet_overload_rejections", "Requests refused with 503 because the queue was full or the deadline passed",
                    ["reason"])
 

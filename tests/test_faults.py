@@ -8,6 +8,7 @@ Real PostgreSQL, a private Redis, real server processes; the faults themselves c
 """
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import datetime as dt
 import errno
@@ -325,8 +326,8 @@ class _RestartingExecutor:
     per-item error code, "overloaded", "outage", or None: success)."""
 
     def __init__(self, down: int = 0, error: str = "executor_unavailable", answer: str | None = None,
-                 routes_down: int = 0):
-        self.down, self.error, self.answer, self.routes_down = down, error, answer, routes_down
+                 routes_down: int = 0, lost: int = 0):
+        self.down, self.error, self.answer, self.routes_down, self.lost = down, error, answer, routes_down, lost
         self.calls = self.route_calls = 0
 
     async def routes(self, since):
@@ -345,6 +346,8 @@ class _RestartingExecutor:
         self.calls += 1
         if self.calls <= self.down:
             raise api.ExecutorDown("restarting", error=self.error)
+        if self.calls <= self.down + self.lost:  # answered, but the answer never arrives
+            await asyncio.sleep(3600)
         if self.answer == "overloaded":
             raise api.Overloaded("queue full")
         if self.answer == "outage":  # the executor failed (not a restart): an outage at once
@@ -384,6 +387,28 @@ def test_the_gateway_rides_out_an_executor_restart_but_never_retries_overload_or
         out, took = predict(backend)
         assert isinstance(out, api.ApiError) and (out.status_code, out.error) == (status, error), (answer, out)
         assert backend.calls == 1 and took < 1, (answer, backend.calls, took)  # answered at once, not retried
+
+
+def test_an_executor_answer_lost_on_the_way_is_asked_for_again_within_the_deadline():
+    import asyncio
+
+    from munet.server import api
+
+    image = png_b64(squares(1, 2, seed=1)[0][0])
+    backend = _RestartingExecutor(lost=2)
+    gw = api.Gateway(backend, None, api.Limits(deadline_s=5.0, executor_try_s=0.5))
+    t0 = time.monotonic()
+    out = asyncio.run(gw.predict("alpha", [image], 2, base64=True))
+    assert out["path_id"] == "p1" and backend.calls == 3 and 1.0 <= time.monotonic() - t0 < 3, out
+    backend = _RestartingExecutor(lost=10**6)  # never answers: 503 at the deadline, not later
+    gw = api.Gateway(backend, None, api.Limits(deadline_s=1.2, executor_try_s=0.5))
+    t0 = time.monotonic()
+    try:
+        asyncio.run(gw.predict("alpha", [image], 2, base64=True))
+        raise AssertionError("no 503")
+    except api.ApiError as e:
+        assert (e.status_code, e.error) == (503, "deadline_exceeded") and time.monotonic() - t0 < 2
+    assert backend.calls == 3
 
 
 def test_readyz_body_says_ready_or_degraded_and_503_is_json():
