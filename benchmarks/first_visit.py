@@ -55,7 +55,9 @@ def candidate_record(system: System) -> list[dict]:
 
 def lowest_trainable(mutations: list[str]) -> int | None:
     """The lowest block a candidate's own mutations clone or give an adapter (None: none)."""
-    blocks = [int(m.split(":")[1].split("/")[0]) for m in mutations if m.startswith(("clone:", "adapter:"))]
+    # "clone:13", "adapter:2/w32"; clones of the neck, final norm or head name no block.
+    targets = [m.split(":", 1)[1].split("/")[0] for m in mutations if m.startswith(("clone:", "adapter:"))]
+    blocks = [int(t) for t in targets if t.isdigit()]
     return min(blocks) if blocks else None
 
 
