@@ -8,11 +8,14 @@ average: test accuracy, parameters per task (unique parameters of all live paths
 accounted parameters, training examples and seconds; plus a plot of average accuracy
 against parameters per task.
 
-Resumable: every (method, task) result is a JSON file under --work, and muNet's progress
-lives in its own installation there (visits already made are not repeated).
+Resumable: every finished (method, task) result is a JSON file under
+benchmarks/results/quality_parts/ (committed, so the run spans working sessions; a muNet
+base finishes all tasks at once because its tasks share components), and an unfinished
+method's installation lives under --work (visits already made are not repeated).
 
     python benchmarks/quality.py                 # all six tasks, full budget (hours on 2 CPU cores)
     python benchmarks/quality.py --quick         # two tasks, tiny budgets: checks the pipeline only
+    python benchmarks/quality.py --only "muNet base 1.0"   # one method now; reports all finished
 """
 from __future__ import annotations
 
@@ -38,6 +41,28 @@ from munet.system import System  # noqa: E402
 
 TASKS = ["cifar", "gtsrb", "natural_images", "mnist", "notmnist", "elpv"]
 BASELINES = {"full fine-tuning": "full", "head only": "head", "freeze bottom half": "freeze:8", "adapters w32": "adapters:32"}
+# Finished (method, task) results, committed with the repository: the full run takes longer
+# than one working session on 2 cores, so it resumes from here in a fresh checkout.
+PARTS = RESULTS / "quality_parts"
+
+
+def slug(method: str) -> str:
+    return "".join(c if c.isalnum() or c == "." else "-" for c in method.lower()).strip("-")
+
+
+def part(parts: Path, method: str, task: str) -> Path:
+    return parts / slug(method) / f"{task}.json"
+
+
+def load_part(parts: Path, method: str, task: str) -> dict | None:
+    path = part(parts, method, task)
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def save_part(parts: Path, row: dict) -> None:
+    path = part(parts, row["method"], row["task"])
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(row, indent=1))
 
 
 def installation(work: Path, name: str, tasks: list[str]) -> System:
@@ -57,56 +82,69 @@ def _roots(system: System) -> list:
     return system.system_json()["roots"]
 
 
-def examples_per_task(system: System) -> dict[str, int]:
+def per_task(system: System, column) -> dict[str, float]:
     with system.Session() as s:
-        rows = s.execute(select(Task.name, func.sum(Candidate.examples)).join(Candidate, Candidate.task_id == Task.id)
-                         .group_by(Task.name)).all()
-    return {n: int(v or 0) for n, v in rows}
-
-
-def seconds_per_task(system: System) -> dict[str, float]:
-    with system.Session() as s:
-        rows = s.execute(select(Task.name, func.sum(Candidate.seconds)).join(Candidate, Candidate.task_id == Task.id)
-                         .group_by(Task.name)).all()
+        rows = s.execute(select(Task.name, func.sum(column)).join(Candidate, Candidate.task_id == Task.id).group_by(Task.name)).all()
     return {n: float(v or 0) for n, v in rows}
 
 
-def run_munet(work: Path, base: float, tasks: list[str], cfg, visits: int) -> list[dict]:
+def run_munet(work: Path, parts: Path, base: float, tasks: list[str], cfg, visits: int) -> list[dict]:
+    """All tasks of one base in one installation (tasks share components across the round
+    robin), so a base is the unit that resumes from PARTS; within a session, --work keeps
+    the visits already made."""
+    method = f"muNet base {base}"
+    done = [load_part(parts, method, t) for t in tasks]
+    if all(done):
+        return done
     system = installation(work, f"munet-base{base}", tasks)
     cfg = cfg.replace(base=base)
+    visit_log = []
     for round_ in range(1, visits + 1):  # round-robin, as muNet visits tasks
         for t in tasks:
             if system.task_json(t)["visits"] < round_:
+                t0 = time.perf_counter()
                 run_worker(system, cfg, names=[t], targets={t: round_}, progress=True)
-    ex, secs, summary = examples_per_task(system), seconds_per_task(system), system.system_json()
+                visit_log.append({"task": t, "visit": round_, "seconds": time.perf_counter() - t0,
+                                  "val_acc": system.task_json(t)["live_path"]["val_acc"]})
+                print(f"quality: {method} {t} visit {round_}: {visit_log[-1]['seconds']:.0f} s, "
+                      f"val {visit_log[-1]['val_acc']:.3f}", flush=True)
+    ex, secs = per_task(system, Candidate.examples), per_task(system, Candidate.seconds)
+    summary = system.system_json()
     out = []
     for t in tasks:
-        live = system.task_json(t)["live_path"]
-        out.append({"method": f"muNet base {base}", "task": t, "test_acc": live["test_acc"], "val_acc": live["val_acc"],
-                    "accounted_params": live["accounted_params"], "params_per_task": summary["params_per_task"],
-                    "examples": ex.get(t, 0), "seconds": secs.get(t, 0.0)})
+        info = system.task_json(t)
+        live = info["live_path"]
+        row = {"method": method, "task": t, "test_acc": live["test_acc"], "val_acc": live["val_acc"],
+               "accounted_params": live["accounted_params"], "params_per_task": summary["params_per_task"],
+               "examples": int(ex.get(t, 0)), "seconds": secs.get(t, 0.0), "candidates": info.get("candidates_tried"),
+               "image_size": live.get("image_size"), "visits": [v for v in visit_log if v["task"] == t]}
+        save_part(parts, row)
+        out.append(row)
     return out
 
 
-def run_baselines(work: Path, label: str, kind: str, tasks: list[str], cfg, budget: dict[str, int], runs: int) -> list[dict]:
-    system = installation(work, f"baseline-{kind.replace(':', '')}", tasks)
-    done_dir = work / "done"
-    done_dir.mkdir(parents=True, exist_ok=True)
-    out = []
+def run_baselines(work: Path, parts: Path, label: str, kind: str, tasks: list[str], cfg, budget: dict[str, int],
+                  runs: int) -> list[dict]:
+    out, system = [], None
     for t in tasks:
-        done = done_dir / f"{kind.replace(':', '')}-{t}.json"
-        if done.exists():
-            out.append(json.loads(done.read_text()))
-            continue
-        n_train = int(round(system.task_json(t)["n_train"] * 0.9))
-        epochs = max(budget[t] / (runs * n_train), 1.0 / n_train)
-        lrs = [0.01, 0.02, 0.005, 0.05][:runs]
-        r = run_baseline(system, t, kind, cfg.replace(max_epochs=epochs, intervals=max(2, int(epochs) + 1)), lrs=lrs)
-        row = {"method": label, "task": t, "test_acc": r["test_acc"], "val_acc": r["val_acc"],
-               "accounted_params": r["accounted_params"], "examples": r["examples"], "seconds": r["seconds"]}
-        done.write_text(json.dumps(row))
+        row = load_part(parts, label, t)
+        if row is None:
+            system = system or installation(work, f"baseline-{kind.replace(':', '')}", tasks)
+            n_train = int(round(system.task_json(t)["n_train"] * 0.9))
+            epochs = max(budget[t] / (runs * n_train), 1.0 / n_train)
+            lrs = [0.01, 0.02, 0.005, 0.05][:runs]
+            t0 = time.perf_counter()
+            r = run_baseline(system, t, kind, cfg.replace(max_epochs=epochs, intervals=max(2, int(epochs) + 1)), lrs=lrs)
+            row = {"method": label, "task": t, "test_acc": r["test_acc"], "val_acc": r["val_acc"],
+                   "accounted_params": r["accounted_params"], "private_params": r["trained_params"],
+                   "frozen_params": r["frozen_params"], "examples": r["examples"], "seconds": r["seconds"],
+                   "runs": r["runs"], "budget": budget[t]}
+            save_part(parts, row)
+            print(f"quality: {label} {t}: test {row['test_acc']:.3f} in {time.perf_counter() - t0:.0f} s", flush=True)
         out.append(row)
-    ppt = system.system_json()["params_per_task"]
+    # Every task of one baseline references the same frozen root components, so the unique
+    # parameters of all its live paths are those once plus each task's private ones.
+    ppt = (max(r["frozen_params"] for r in out) + sum(r["private_params"] for r in out)) / len(out)
     for row in out:
         row["params_per_task"] = ppt
     return out
@@ -140,7 +178,10 @@ def main() -> None:
     ap.add_argument("--bases", type=float, nargs="+", default=[1.0, 0.7, 0.3])
     ap.add_argument("--visits", type=int, default=2)
     ap.add_argument("--runs", type=int, default=2, help="baseline runs per task (best by validation)")
-    ap.add_argument("--work", type=Path, help="where installations and partial results live (resumable)")
+    ap.add_argument("--only", nargs="+", metavar="METHOD",
+                    help="run only these methods now (e.g. 'muNet base 1.0', 'head only'); the report covers every finished one")
+    ap.add_argument("--work", type=Path, help="where installations of unfinished methods live (resumable within a session)")
+    ap.add_argument("--parts", type=Path, help=f"finished (method, task) results (default {PARTS.relative_to(RESULTS.parent.parent)})")
     args = ap.parse_args()
     torch.set_num_threads(2)
     tasks = args.tasks or (["mnist", "notmnist"] if args.quick else TASKS)
@@ -149,33 +190,62 @@ def main() -> None:
         sys.exit(f"quality: data sets absent from {SHARED_DATA}: {missing}")
     name = "quality_quick" if args.quick else "quality"
     work = args.work or RESULTS / f"{name}-work"
+    parts = args.parts or (work / "parts" if args.quick else PARTS)
     cfg = cpu_preset()
     if args.quick:
         cfg = cfg.replace(generations=1, candidates=2, max_epochs=0.2, image_sizes=[32, 48])
         cfg.defaults["image_size"] = 32
         args.visits, args.runs, args.bases = 1, 1, [1.0, 0.3]
+    bases = sorted(args.bases, reverse=True)
+    methods = [f"muNet base {b}" for b in bases] + list(BASELINES)
+    unknown = set(args.only or ()) - set(methods)
+    if unknown:
+        sys.exit(f"quality: unknown methods {sorted(unknown)}; choose from {methods}")
+    wanted = lambda m: args.only is None or m in args.only  # noqa: E731
     t0 = time.perf_counter()
-    rows = []
-    for base in sorted(args.bases, reverse=True):
-        rows += run_munet(work, base, tasks, cfg, args.visits)
-    budget = {r["task"]: r["examples"] for r in rows if r["method"] == f"muNet base {max(args.bases)}"}
+    rows, skipped = [], []
+    for base in bases:
+        method = f"muNet base {base}"
+        if wanted(method):
+            rows += run_munet(work, parts, base, tasks, cfg, args.visits)
+        else:
+            rows += [r for t in tasks if (r := load_part(parts, method, t))]
+    budget = {r["task"]: r["examples"] for r in rows if r["method"] == f"muNet base {bases[0]}"}
     for label, kind in BASELINES.items():
-        rows += run_baselines(work, label, kind, tasks, cfg, budget, args.runs)
-    averages = []
-    for method in dict.fromkeys(r["method"] for r in rows):
+        done = [r for t in tasks if (r := load_part(parts, label, t))]
+        if wanted(label) and len(budget) == len(tasks):
+            rows += run_baselines(work, parts, label, kind, tasks, cfg, budget, args.runs)
+        elif done:
+            ppt = (max(r["frozen_params"] for r in done) + sum(r["private_params"] for r in done)) / len(done)
+            rows += [{**r, "params_per_task": ppt} for r in done]
+        elif wanted(label):
+            skipped.append(f"{label} (needs the budgets of muNet base {bases[0]} first)")
+    report(rows, tasks, methods, name, args, time.perf_counter() - t0, skipped)
+
+
+def report(rows: list[dict], tasks: list[str], methods: list[str], name: str, args, wall: float, skipped: list[str]) -> None:
+    averages, unfinished = [], []
+    for method in methods:
         mine = [r for r in rows if r["method"] == method]
+        if len(mine) < len(tasks):
+            unfinished.append(f"{method}: {len(mine)}/{len(tasks)} tasks")
+            continue
         averages.append({"method": method, "task": "average", **{k: statistics.mean(r[k] for r in mine)
                          for k in ("test_acc", "val_acc", "accounted_params", "params_per_task", "examples", "seconds")}})
     cols = ["method", "task", "test_acc", "val_acc", "params_per_task", "accounted_params", "examples", "seconds"]
     print(f"\nQuality, {len(tasks)} tasks, equal per-task budgets (muNet base {max(args.bases)} sets them)\n")
     print(table(rows, cols))
-    print("\nAverages\n")
+    print("\nAverages (methods finished on every task)\n")
     print(table(averages, cols))
+    for line in unfinished + skipped:
+        print(f"not finished: {line}")
     png = RESULTS / f"{name}.png"
-    plot(rows, png)
+    if averages:
+        plot([r for r in rows if r["method"] in {a["method"] for a in averages}], png)
     path = write(name, {"args": {k: str(v) for k, v in vars(args).items()}, "tasks": tasks, "rows": rows,
-                        "averages": averages, "wall_seconds": time.perf_counter() - t0, "plot": png.name})
-    print(f"\nwrote {path} and {png}")
+                        "averages": averages, "unfinished": unfinished + skipped, "wall_seconds_this_run": wall,
+                        "plot": png.name if averages else None})
+    print(f"\nwrote {path}" + (f" and {png}" if averages else ""))
 
 
 if __name__ == "__main__":

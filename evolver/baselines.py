@@ -94,8 +94,9 @@ def run_baseline(system, task_name: str, kind: str, cfg: EvolverConfig, lrs: lis
     test_h = prefix_activations(cache, cand.ids[:k], cand.modules[:k], data, "test", size, cfg)
     test_acc = accuracy(cand.modules[k:], test_h, data.y["test"].to(test_h.device), cfg.eval_batch_size)
     trained_params = sum(models.count_params(m) for m, t in zip(cand.modules, cand.trainable) if t)
+    frozen_params = sum(models.count_params(m) for m, t in zip(cand.modules, cand.trainable) if not t)
     out = {"task": task_name, "method": kind, "val_acc": result.val_acc, "test_acc": test_acc, "examples": examples,
-           "seconds": seconds, "runs": runs, "trained_params": trained_params}
+           "seconds": seconds, "runs": runs, "trained_params": trained_params, "frozen_params": frozen_params}
     if commit:
         out.update(_commit(system, task, root, cand, new, result, test_acc, data))
     return out
