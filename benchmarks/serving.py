@@ -123,16 +123,33 @@ def request_images(system: System, names: list[str], per_task: int = 8) -> dict[
 # -- measurements ---------------------------------------------------------------------------------
 
 def tree_memory(pid: int) -> dict:
-    """RSS and PSS summed over a process and all its descendants (bytes)."""
+    """RSS and PSS summed over a process and all its descendants (bytes); RSS split into
+    anonymous (heap, tensors: the memory a task costs) and file-backed pages (library code
+    paged in by the first requests, shared with every process mapping it), and per process."""
     root = psutil.Process(pid)
-    rss = pss = 0
+    out = {"rss": 0, "pss": 0, "anon": 0, "file": 0, "by_process": {}}
     procs = [root] + root.children(recursive=True)
     for p in procs:
-        with contextlib.suppress(psutil.Error):
+        with contextlib.suppress(psutil.Error, OSError):
             info = p.memory_full_info()
-            rss += info.rss
-            pss += getattr(info, "pss", info.rss)
-    return {"rss": rss, "pss": pss, "processes": len(procs)}
+            status = _proc_status(p.pid)
+            out["rss"] += info.rss
+            out["pss"] += getattr(info, "pss", info.rss)
+            out["anon"] += status.get("RssAnon", 0)
+            out["file"] += status.get("RssFile", 0) + status.get("RssShmem", 0)
+            out["by_process"][f"{p.pid}:{' '.join(p.cmdline()[1:4])[-60:]}"] = {
+                "rss_mb": info.rss / 2**20, "anon_mb": status.get("RssAnon", 0) / 2**20}
+    out["processes"] = len(procs)
+    return out
+
+
+def _proc_status(pid: int) -> dict[str, int]:
+    """/proc/PID/status memory lines in bytes (Linux; empty elsewhere)."""
+    try:
+        lines = Path(f"/proc/{pid}/status").read_text().splitlines()
+    except OSError:
+        return {}
+    return {k: int(v.split()[0]) * 1024 for k, v in (line.split(":", 1) for line in lines) if v.strip().endswith("kB")}
 
 
 class PeakMemory:
@@ -478,6 +495,7 @@ def report(rows: list[dict], forward: list[dict], args) -> None:
         if b:
             r["added_rss_mb"] = (r["tree_rss"] - b["tree_rss"]) / 2**20
             r["added_pss_mb"] = (r["tree_pss"] - b["tree_pss"]) / 2**20
+            r["added_anon_mb"] = (r["tree_anon"] - b["tree_anon"]) / 2**20
             if r.get("tree_rss_peak"):
                 r["added_rss_peak_mb"] = (r["tree_rss_peak"] - b["tree_rss"]) / 2**20
         o = one.get(r["system"])
@@ -487,7 +505,7 @@ def report(rows: list[dict], forward: list[dict], args) -> None:
             r["cache_mb"] = r["cache_bytes"] / 2**20
         if r.get("single_rps"):
             r["mixed_vs_single"] = r["mixed_rps"] / r["single_rps"]
-    cols = ["system", "tasks", "added_rss_mb", "added_rss_peak_mb", "added_pss_mb", "added_vs_n1", "cache_mb", "mixed_rps", "mixed_p50_ms",
+    cols = ["system", "tasks", "added_rss_mb", "added_rss_peak_mb", "added_pss_mb", "added_anon_mb", "added_vs_n1", "cache_mb", "mixed_rps", "mixed_p50_ms",
             "mixed_p99_ms", "single_rps", "single_p50_ms", "single_p99_ms", "mixed_vs_single", "mixed_mean_batch",
             "mixed_errors", "single_errors"]
     print(f"\nServing: {args.clients} closed-loop clients, {args.seconds:g} s per run, one 32x32 PNG per request, "

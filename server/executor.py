@@ -17,7 +17,8 @@ its components are released from the cache unless another served path uses them.
 Activations of a batch are freed when it ends, but glibc keeps freed heap pages (measured:
 ~77 MB of an executor's resident memory after a burst of mixed batches was free heap).
 `HeapTrimmer` hands them back to the OS at most every `MUNET_MALLOC_TRIM_S` seconds (~1 ms
-a call), so resident memory follows the tasks served rather than the largest burst seen.
+a call), and once more that long after the last batch, so resident memory follows the
+tasks served rather than the largest burst seen.
 """
 from __future__ import annotations
 
@@ -48,6 +49,8 @@ class HeapTrimmer:
         self.interval = float(os.environ.get("MUNET_MALLOC_TRIM_S", "0.5")) if interval is None else interval
         self.last = 0.0
         self._trim = None
+        self._lock = threading.Lock()
+        self._pending: threading.Timer | None = None
         name = ctypes.util.find_library("c")
         if self.interval > 0 and name:
             try:
@@ -57,11 +60,25 @@ class HeapTrimmer:
 
     def __call__(self, force: bool = False) -> bool:
         now = time.monotonic()
-        if self._trim is None or (not force and now - self.last < self.interval):
+        if self._trim is None:
             return False
-        self.last = now
+        with self._lock:
+            if not force and now - self.last < self.interval:
+                # Skipped: trim once the interval is over, so the heap of the last batches
+                # before the load stops goes back too (not only at the next request).
+                if self._pending is None:
+                    self._pending = threading.Timer(self.interval - (now - self.last), self._deferred)
+                    self._pending.daemon = True
+                    self._pending.start()
+                return False
+            self.last = now
         self._trim(0)
         return True
+
+    def _deferred(self) -> None:
+        with self._lock:
+            self._pending = None
+        self(force=True)
 
 
 @dataclass(frozen=True)
