@@ -445,7 +445,12 @@ def main() -> None:
     ap.add_argument("--clients", type=int, default=16)
     ap.add_argument("--skip-separate", action="store_true")
     ap.add_argument("--forward-only", action="store_true", help="only the in-process forward times, into the last result")
+    ap.add_argument("--onednn-cache", type=int, default=128,
+                    help="oneDNN primitive cache capacity of both servers (munet's executor default; the separate "
+                         "models get the same, so the comparison is like for like; oneDNN's own default is 1024)")
+    ap.add_argument("--name", default="serving", help="results file name (a partial run should not replace serving.json)")
     args = ap.parse_args()
+    os.environ["ONEDNN_PRIMITIVE_CACHE_CAPACITY"] = str(args.onednn_cache)  # inherited by both servers
     if args.forward_only:
         return forward_only(args)
     if not SHARED_DATA.exists():
@@ -521,7 +526,7 @@ def report(rows: list[dict], forward: list[dict], args) -> None:
                    "mixed_n50_over_single_n1": m50["mixed_rps"] / m1["single_rps"] if m1.get("single_rps") else None,
                    "target_throughput": ">= 0.8"}
         print(f"\nTargets: {json.dumps(targets)}")
-    path = write("serving", {"args": vars(args), "image_size": IMAGE_SIZE, "rows": rows, "in_process": forward,
+    path = write(getattr(args, "name", "serving"), {"args": vars(args), "image_size": IMAGE_SIZE, "rows": rows, "in_process": forward,
                              "targets": targets})
     print(f"\nwrote {path}")
 

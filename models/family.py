@@ -14,6 +14,8 @@ import timm
 import torch
 from torch import nn
 
+from munet.names import adapter_name, parse_name  # noqa: F401  (re-exported)
+
 
 @functools.lru_cache(maxsize=8)
 def _skeleton(timm_name: str, kwargs_json: str, device: str) -> nn.Module:
@@ -31,22 +33,6 @@ def skeleton(config: dict) -> nn.Module:
 
 def copy_of(module: nn.Module) -> nn.Module:
     return copy.deepcopy(module)
-
-
-def parse_name(name: str) -> tuple[str, int | None, int | None]:
-    """'adapter@3/w32' -> ('adapter', 3, 32); 'blocks.5' -> ('blocks', 5, None); 'pos_embed@64' -> ('pos_embed', 64, None)."""
-    if name.startswith("blocks."):
-        return "blocks", int(name.split(".", 1)[1]), None
-    if name.startswith("adapter@"):
-        pos, width = name[len("adapter@"):].split("/w")
-        return "adapter", int(pos), int(width)
-    if name.startswith("pos_embed@"):
-        return "pos_embed", int(name.split("@", 1)[1]), None
-    return name, None, None
-
-
-def adapter_name(position: int, width: int) -> str:
-    return f"adapter@{position}/w{width}"
 
 
 def default_arch(config: dict, num_classes: int, image_size: int | None = None) -> dict:

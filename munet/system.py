@@ -9,14 +9,26 @@ from __future__ import annotations
 import datetime as dt
 from pathlib import Path as FilePath
 
-from sqlalchemy import func, select
-import torch
-from torch import nn
+from typing import TYPE_CHECKING
 
-from munet import models
+from sqlalchemy import func, select
+
 from munet.settings import Settings
 from munet.storage import blobs, commit, datasets, db, lineage, signals
 from munet.storage.schema import Candidate, Component, PathRow, Root, Task, validate_task_name
+
+if TYPE_CHECKING:
+    from torch import nn
+
+    from munet import models
+
+
+def _models():
+    # torch and timm are imported on first use: the HTTP gateway holds a System for task
+    # submission, status and lineage, and never builds a module (~700 MB less resident).
+    from munet import models
+
+    return models
 
 
 class System:
@@ -36,6 +48,7 @@ class System:
         db.upgrade(self.engine)
 
     def add_root(self, name: str, timm_name: str, weights: str = "packaged", model_kwargs: dict | None = None) -> Root:
+        models = _models()
         model = models.load_root_model(timm_name, weights, model_kwargs)
         config, parts = models.decompose(model, timm_name, model_kwargs)
         components = [commit.NewComponent(name=n, meta=meta, tensors=dict(m.state_dict()),
@@ -71,7 +84,9 @@ class System:
     def build_component(self, row: Component, config: dict) -> nn.Module:
         # Built on the meta device and given the stored tensors themselves (assign): no
         # initialised weights to copy over, no full-model skeleton resident in every process.
-        family = models.family_for(config["timm"])
+        import torch
+
+        family = _models().family_for(config["timm"])
         with torch.device("meta"):
             module = family.build(config, row.name, row.meta)
         module.load_state_dict(self.store.get(row.blob_hash), strict=True, assign=True)
@@ -94,7 +109,7 @@ class System:
         for cid in ids:
             if cid not in cache:
                 cache[cid] = self.build_component(rows[cid], root.config)
-        runnable = models.Path(ids=ids, names=[rows[c].name for c in ids], modules=[cache[c] for c in ids],
+        runnable = _models().Path(ids=ids, names=[rows[c].name for c in ids], modules=[cache[c] for c in ids],
                                image_size=path.image_size, mean=tuple(root.config["mean"]), std=tuple(root.config["std"]),
                                classes=list(task.classes) if task else [])
         return runnable, path

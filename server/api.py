@@ -37,7 +37,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from munet.storage.schema import TASK_NAME
 
 from . import images, metrics
-from .executor import Item, Result
+from .protocol import Item, Result
 
 log = logging.getLogger("munet.server.api")
 

@@ -19,6 +19,12 @@ Activations of a batch are freed when it ends, but glibc keeps freed heap pages 
 `HeapTrimmer` hands them back to the OS at most every `MUNET_MALLOC_TRIM_S` seconds (~1 ms
 a call), and once more that long after the last batch, so resident memory follows the
 tasks served rather than the largest burst seen.
+
+oneDNN, which runs PyTorch's CPU convolutions, caches a compiled primitive per layer and
+input shape, 1024 by default; mixed batches bring many shapes (every batch size for every
+image size), and that cache alone grew an executor by ~400 MB (benchmarks/README.md).
+`ONEDNN_PRIMITIVE_CACHE_CAPACITY` defaults to 128 here (oneDNN reads it when it makes its
+first primitive, after this import); set it to override.
 """
 from __future__ import annotations
 
@@ -38,8 +44,11 @@ from torch import nn
 from munet import models
 
 from . import metrics
+from .protocol import Item, Result  # noqa: F401  (the executor's side of them)
 
 log = logging.getLogger("munet.server")
+
+ONEDNN_CACHE_CAPACITY = os.environ.setdefault("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "128")
 
 
 class HeapTrimmer:
@@ -127,24 +136,6 @@ class Table:
     held: dict[str, Served]              # path id -> served path (current and retiring)
     retiring: dict[str, float]           # path id -> release time
     version: int = 0
-
-
-@dataclass
-class Item:
-    """One image of a request, as the gateway hands it over."""
-
-    task: str
-    pixels: np.ndarray  # uint8 [H, W, C]
-    path_id: str | None = None  # the path the gateway resolved for the request
-    top: int = 5
-
-
-@dataclass
-class Result:
-    path_id: str | None = None
-    top: list[tuple[int, float]] = field(default_factory=list)  # (label, probability), best first
-    error: str | None = None
-    detail: str | None = None
 
 
 @dataclass

@@ -13,7 +13,7 @@ from collections import defaultdict
 
 from sqlalchemy import select
 
-from munet.models import parse_name
+from munet.names import parse_name
 from munet.storage import lineage
 from munet.storage.schema import Candidate, Component, LiveHistory, PathComponent, Root, Task
 

@@ -6,12 +6,12 @@ safetensors only, so no byte from the store is ever unpickled.
 from __future__ import annotations
 
 import hashlib
-
-import torch
-from safetensors.torch import load as st_load
-from safetensors.torch import save as st_save
+from typing import TYPE_CHECKING
 
 from .fsio import atomic_write, filesystem
+
+if TYPE_CHECKING:  # torch is imported by put/get only: a gateway that never reads tensors stays light
+    import torch
 
 
 class BlobError(RuntimeError):
@@ -28,6 +28,8 @@ class LayerStore:
 
     def put(self, tensors: dict[str, torch.Tensor]) -> str:
         """Store tensors; returns their sha256 (the blob's name)."""
+        from safetensors.torch import save as st_save
+
         data = st_save({k: v.detach().contiguous().cpu() for k, v in sorted(tensors.items())})
         digest = hashlib.sha256(data).hexdigest()
         target = self.path(digest)
@@ -46,6 +48,8 @@ class LayerStore:
         return data
 
     def get(self, digest: str) -> dict[str, torch.Tensor]:
+        from safetensors.torch import load as st_load
+
         return st_load(self.read_bytes(digest))
 
     def exists(self, digest: str) -> bool:

@@ -502,3 +502,37 @@ def test_the_executor_hands_freed_heap_back_to_the_os():
     assert out[:2] == ["True", "False"], out  # the second call within the interval does nothing
     assert float(out[2]) > 100, f"only {out[2]} MB of ~190 MB freed heap went back to the OS"
     assert out[3] == "False" and float(out[4]) > 100, f"the deferred trim returned only {out[4]} MB"
+
+
+def test_the_executor_bounds_onednn_primitive_memory_across_many_input_shapes():
+    """Mixed batches bring a new input shape per batch size and image size, and oneDNN keeps
+    a compiled primitive per layer and shape (1024 by default: ~400 MB in an executor). The
+    executor's default capacity (set at import, read by oneDNN at its first primitive) keeps
+    that memory a fraction of the uncapped growth; an operator's own setting wins."""
+    import subprocess
+    import sys
+    import textwrap
+
+    code = textwrap.dedent("""
+        import ctypes, os, sys
+        if sys.argv[1] != "default":
+            os.environ["ONEDNN_PRIMITIVE_CACHE_CAPACITY"] = sys.argv[1]
+        import torch
+        import munet.server.executor  # noqa: F401
+        torch.set_num_threads(1)
+        conv = torch.nn.Conv2d(8, 8, 3).eval()
+        anon = lambda: next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("RssAnon")) / 1024
+        trim = ctypes.CDLL("libc.so.6").malloc_trim
+        with torch.no_grad():
+            conv(torch.randn(1, 8, 8, 8)); trim(0); start = anon()
+            for batch in range(1, 9):
+                for side in range(8, 72):  # 512 shapes
+                    conv(torch.randn(batch, 8, side, side))
+        trim(0)
+        print(os.environ["ONEDNN_PRIMITIVE_CACHE_CAPACITY"], anon() - start)
+    """)
+    run = lambda arg: subprocess.run([sys.executable, "-c", code, arg], capture_output=True, text=True, timeout=300,
+                                     check=True).stdout.split()
+    (default_cap, default_mb), (own_cap, own_mb) = run("default"), run("1024")
+    assert (default_cap, own_cap) == ("128", "1024")
+    assert float(default_mb) < 0.6 * float(own_mb), (default_mb, own_mb)

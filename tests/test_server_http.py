@@ -124,6 +124,23 @@ def test_predictions_equal_the_evaluators(server_a):
             assert a["label"] == b["label"] and abs(a["score"] - b["score"]) < 1e-6
 
 
+def test_only_the_executor_process_loads_torch(server_a):
+    """torch and timm weigh ~700 MB resident per process: BentoML's arbiter (which imports the
+    service module) and the HTTP gateway must not load them, even after serving predictions,
+    task status, lineage and the graph; the executor must."""
+    from fault_support import server_workers
+
+    server, system, paths = server_a
+    code, body, _ = predict(server, "alpha", [png_b64(task_images(system, "alpha", n=1)[0].numpy())])
+    assert code == 200, body
+    for route in ("/tasks", "/tasks/alpha", "/tasks/alpha/lineage", "/system/graph", "/system/history", "/status"):
+        assert server.get(route)[0] == 200, route
+    workers = server_workers(server)
+    loads_torch = {name: "libtorch_cpu" in open(f"/proc/{pid}/maps").read()
+                   for name, pid in {"arbiter": server.proc.pid, **workers}.items()}
+    assert loads_torch == {"arbiter": False, "Munet": False, "MunetExecutor": True}, loads_torch
+
+
 def test_pickle_bodies_are_never_accepted(server_a, tmp_path):
     server, _, _ = server_a
     marker = tmp_path / "unpickled"
