@@ -385,6 +385,8 @@ def in_process(system: System, names: list[str], repeats: int = 20) -> list[dict
     paths = {}
     for t in names:
         paths[t], _ = system.load_path(system.task_json(t)["live_path"]["id"], cache)
+    for module in cache.values():  # as the executor serves them
+        models.fold_batchnorm(module)
     separate = {t: timm.create_model("tf_efficientnet_lite0", pretrained=False, num_classes=len(paths[t].classes)).eval()
                 for t in names[:16]}
 

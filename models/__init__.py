@@ -8,11 +8,12 @@ from . import efficientnet, vit  # noqa: F401  (register the families)
 from .family import adapter_name, adapters_of, default_arch, parse_name, skeleton
 from .layers import ConvAdapter, TokenAdapter, zero_head
 from .paths import Path, PathModel, assemble, count_params, preprocess, stages
+from .efficientnet import fold_batchnorm
 from .registry import family_for
 from .roots import decompose, load_root_model, map_lite0_keys
 
 __all__ = [
     "Path", "PathModel", "assemble", "stages", "preprocess", "count_params", "family_for",
     "decompose", "load_root_model", "map_lite0_keys", "default_arch", "adapters_of",
-    "adapter_name", "parse_name", "skeleton", "ConvAdapter", "TokenAdapter", "zero_head",
+    "adapter_name", "parse_name", "skeleton", "fold_batchnorm", "ConvAdapter", "TokenAdapter", "zero_head",
 ]

@@ -85,3 +85,39 @@ def _stem(model: nn.Module) -> Stem:
     stem.add_module("conv_stem", model.conv_stem)
     stem.add_module("bn1", model.bn1)
     return stem
+
+
+def _bn_pairs() -> dict[type, tuple[tuple[str, str], ...]]:
+    from timm.models._efficientnet_blocks import DepthwiseSeparableConv, EdgeResidual, InvertedResidual
+
+    s2d = ("conv_s2d", "bn_s2d")
+    return {  # each convolution and the BatchNorm right after it in the block's forward
+        Stem: (("conv_stem", "bn1"),),
+        DepthwiseSeparableConv: (s2d, ("conv_dw", "bn1"), ("conv_pw", "bn2")),
+        InvertedResidual: (s2d, ("conv_pw", "bn1"), ("conv_dw", "bn2"), ("conv_pwl", "bn3")),
+        EdgeResidual: (("conv_exp", "bn1"), ("conv_pwl", "bn2")),
+    }
+
+
+def fold_batchnorm(component: nn.Module) -> nn.Module:
+    """Fold each frozen BatchNorm into the convolution before it (in place; for serving).
+
+    A conv+BN pair becomes one conv with a bias and the BN's activation alone: a third fewer
+    ops per block, which is what small per-task batches of mixed requests pay for. Outputs
+    agree with the unfolded module to float rounding (~1e-6). Only for eval mode: BatchNorm
+    statistics must be the running ones."""
+    from timm.layers import BatchNormAct2d
+    from torch.nn.utils.fusion import fuse_conv_bn_eval
+
+    pairs = _bn_pairs()
+    for module in list(component.modules()):
+        for conv_name, bn_name in pairs.get(type(module), ()):
+            conv, bn = getattr(module, conv_name, None), getattr(module, bn_name, None)
+            if not (isinstance(conv, nn.Conv2d) and isinstance(bn, nn.BatchNorm2d) and bn.running_mean is not None):
+                continue
+            if conv.training or bn.training:
+                raise ValueError("fold_batchnorm needs a module in eval mode")
+            setattr(module, conv_name, fuse_conv_bn_eval(conv, bn))
+            rest = nn.Sequential(bn.drop, bn.act) if isinstance(bn, BatchNormAct2d) else nn.Identity()
+            setattr(module, bn_name, rest.eval())
+    return component.requires_grad_(False)

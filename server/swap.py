@@ -213,6 +213,7 @@ class SwapListener:
                 raise SwapRefused("wrong_task", f"path {path_id} is not a path of task {task!r}")
             served = Served(task, path_id, path, channels, score=row.score, val_acc=row.val_acc,
                             test_acc=row.test_acc, accounted_params=row.accounted_params)
+            self.executor.prepare({cid: staging[cid] for cid in path.ids})
             self.check_probe(served, row)
         except SwapRefused as e:
             return self._failed(task, path_id, e.reason, e.detail, e.permanent)

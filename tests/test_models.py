@@ -103,6 +103,27 @@ def test_lite0_root_assembled_from_stored_blobs_reproduces_timm_logits(stored, l
     assert (got - expected).abs().max().item() < 1e-5
 
 
+def test_folding_batchnorm_into_convolutions_keeps_lite0_logits_and_leaves_no_norm_in_blocks(stored, lite0_timm):
+    path, _ = load_root_path(stored, "lite0")
+    torch.manual_seed(2)
+    x = torch.randn(2, 3, 96, 96)
+    with torch.no_grad():
+        expected = run(path, x)
+    folded = [models.fold_batchnorm(copy.deepcopy(m)) for m in path.modules]
+    for name, module in zip(path.names, folded):
+        norms = [m for m in module.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+        assert bool(norms) == (name == "final_norm"), name  # final_norm is a component of its own
+    got = run(models.Path(path.ids, path.names, folded, path.image_size, path.mean, path.std), x)
+    assert (got - expected).abs().max().item() < 1e-4
+    assert torch.equal(got.argmax(1), expected.argmax(1))
+    vit, _ = load_root_path(stored, "vit")
+    xv = torch.randn(2, 3, vit.image_size, vit.image_size)
+    before = run(vit, xv)
+    for m in vit.modules:
+        models.fold_batchnorm(m)
+    assert torch.equal(run(vit, xv), before)  # no BatchNorm in a ViT: nothing changes
+
+
 def test_vit_root_assembled_from_stored_blobs_reproduces_timm_logits(stored, vit_timm):
     path, config = load_root_path(stored, "vit")
     assert path.names[:3] == ["stem", "cls_token", "pos_embed@32"]

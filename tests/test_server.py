@@ -97,7 +97,10 @@ def test_executor_results_equal_the_evaluators_logits(served):
     system, executor, _ = served
     x = task_images(system, "beta", n=6)
     srv = executor.table.current["beta"]
-    ref = torch.softmax(evaluator_logits(srv.path.modules, x, srv.image_size, srv.path.mean, srv.path.std, 6, "cpu"), 1)
+    path, _ = system.load_path(srv.path_id)  # as the evolver has it: BatchNorms not folded
+    assert any(isinstance(m, torch.nn.BatchNorm2d) for m in path.modules[1].modules())
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in srv.path.modules[1].modules())  # served: folded
+    ref = torch.softmax(evaluator_logits(path.modules, x, srv.image_size, path.mean, path.std, 6, "cpu"), 1)
     results = executor.infer([Item("beta", x[i].numpy(), top=4) for i in range(6)])
     for i, r in enumerate(results):
         assert r.error is None and r.path_id == srv.path_id
