@@ -5,8 +5,6 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 
-import torch
-
 # Ordered value lists of the auto-tuned hyperparameters (MUNET.md §3); mutations move ±1 index.
 VALUES = {
     "lr": [1e-4, 2e-4, 5e-4, 1e-3, 2e-3, 5e-3, 0.01, 0.02, 0.05, 0.1],
@@ -73,7 +71,13 @@ class EvolverConfig:
 
 def munet_preset() -> EvolverConfig:
     """MUNET.md's defaults (the paper's GPU/TPU budget)."""
-    return EvolverConfig(device="cuda" if torch.cuda.is_available() else "cpu")
+    return EvolverConfig(device="cuda" if _cuda() else "cpu")
+
+
+def _cuda() -> bool:
+    import torch  # here, not at import: the CLI's read-only commands start without torch (~2 s)
+
+    return torch.cuda.is_available()
 
 
 def cpu_preset() -> EvolverConfig:
@@ -95,4 +99,4 @@ PRESETS = {"cpu": cpu_preset, "munet": munet_preset}
 
 
 def default_config() -> EvolverConfig:
-    return munet_preset() if torch.cuda.is_available() else cpu_preset()
+    return munet_preset() if _cuda() else cpu_preset()
