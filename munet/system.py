@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import datetime as dt
 from pathlib import Path as FilePath
-
 from typing import TYPE_CHECKING
 
 from sqlalchemy import func, select

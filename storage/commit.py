@@ -10,18 +10,17 @@ from __future__ import annotations
 import os
 import signal
 from dataclasses import dataclass, field
-
 from typing import TYPE_CHECKING
 
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from .blobs import LayerStore
+from .schema import (ROOT_LOCK, Candidate as CandidateRow, Component, ComponentLock, LiveHistory, PathComponent, PathRow, Root, Task,
+                     new_id, utcnow, validate_task_name)
 
 if TYPE_CHECKING:
     import torch
-from .schema import (ROOT_LOCK, Candidate as CandidateRow, Component, ComponentLock, LiveHistory, PathComponent, PathRow, Root, Task,
-                     new_id, utcnow, validate_task_name)
 
 
 class CommitError(RuntimeError):
