@@ -33,7 +33,8 @@ def initial_mu(cfg: EvolverConfig, depth: int) -> dict:
     # the whole network above trainable, so their probabilities start low and evolve.
     mu = {a: cfg.mu for a in ACTIONS if a not in ("clone", "adapter")}
     # Quadratic ramp: on a 16-block CNN the bottom half together gets ~1/6 of the top's odds.
-    ramp = [round(cfg.mu_bottom + (cfg.mu - cfg.mu_bottom) * (i / max(1, depth - 1)) ** 2, 4) for i in range(depth)]
+    top = cfg.mu if cfg.mu_top is None else cfg.mu_top
+    ramp = [round(cfg.mu_bottom + (top - cfg.mu_bottom) * (i / max(1, depth - 1)) ** 2, 4) for i in range(depth)]
     mu["clone"], mu["adapter"] = ramp, list(ramp)
     return mu
 

@@ -35,6 +35,16 @@ def test_bottom_blocks_start_with_lower_clone_and_adapter_probabilities():
         assert len(ramp) == 16 and ramp[0] < ramp[-1] and ramp == sorted(ramp)
 
 
+def test_clone_and_adapter_odds_ramp_to_mu_top_while_other_actions_use_mu():
+    cfg = cpu_preset().replace(mu=0.2, mu_top=0.3, mu_bottom=0.05)
+    mu = search.initial_hparams(cfg, LITE0, 10)["mu"]
+    assert mu["clone"][0] == 0.05 and mu["clone"][-1] == 0.3 and mu["adapter"] == mu["clone"]
+    assert all(mu[a] == 0.2 for a in ("hparam", "remove", "readd", "input"))
+    assert search.initial_mu(cfg.replace(mu_top=None), 16)["clone"][-1] == 0.2, "no mu_top: the ramp ends at mu"
+    lo, hi = cpu_preset().mu_range
+    assert all(lo <= v <= hi for v in search.initial_hparams(cpu_preset(), LITE0, 10)["mu"]["clone"])
+
+
 def test_mutations_are_logged_and_meta_mutated_mu_stays_in_range():
     cfg = cpu_preset().replace(mu=0.3)
     rng = random.Random(1)
