@@ -149,7 +149,8 @@ def mutate_inputs(best_hp: dict, cfg: EvolverConfig, root_config: dict, rng: ran
                   colour: bool = True) -> tuple[dict, list[str]]:
     """Input settings (image size, augmentation) drawn once per generation from the task's
     current best path, mutated, and shared by all of the generation's candidates."""
-    arch, aug = best_hp["arch"], dict(best_hp["aug"])
+    # A grey task can inherit colour jitter from a colour task's seed; drop it, it only costs the cache.
+    arch, aug = best_hp["arch"], dict(best_hp["aug"]) if colour else drop_colour_jitter(best_hp["aug"])
     log: list[str] = []
     p = prob(best_hp, "input", cfg)
     sizes = allowed_sizes(cfg, root_config)
@@ -166,6 +167,10 @@ def mutate_inputs(best_hp: dict, cfg: EvolverConfig, root_config: dict, rng: ran
             if aug[key] != old:
                 log.append(f"{key}:{old}->{aug[key]}")
     return {"image_size": size, "aug": aug}, log
+
+
+def drop_colour_jitter(aug: dict) -> dict:
+    return {**aug, **{k: 0.0 for k in COLOUR_ONLY}}
 
 
 def allowed_sizes(cfg: EvolverConfig, root_config: dict) -> list[int]:

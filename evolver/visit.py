@@ -232,7 +232,7 @@ class Visit:
             best = max(self.population, key=lambda e: e.score, default=None)
             inputs, input_log = search.mutate_inputs(best.hparams if best else self.seeds[-1].hparams,
                                                      self.cfg, self.root_config, self.rng,
-                                                     colour=self.data.x["train"].shape[-1] != 1)
+                                                     colour=self.colour)
             bar = tqdm(total=self.cfg.candidates, desc=f"{self.task_name} gen {gen + 1}/{self.cfg.generations}",
                        disable=not self.progress, leave=False, dynamic_ncols=True)
             for _ in range(self.cfg.candidates):
@@ -267,11 +267,17 @@ class Visit:
         member.score = entry.score
         return member
 
+    @property
+    def colour(self) -> bool:
+        return self.data.x["train"].shape[-1] != 1
+
     def _one_candidate(self, gen: int, inputs: dict, input_log: list[str]) -> bool:
         parent, hp, mutations, clones, is_seed = self._pick()
         if not is_seed:
             hp = search.apply_inputs(hp, inputs)
             mutations = mutations + input_log
+        elif not self.colour:
+            hp = {**hp, "aug": search.drop_colour_jitter(hp["aug"])}
         self._member(parent).children += 1
         path_id = new_id()
         cand, slots, actions = self.build(parent, hp, clones, path_id)

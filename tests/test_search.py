@@ -98,6 +98,17 @@ def test_greyscale_tasks_never_mutate_colour_jitter_that_would_be_a_no_op():
     assert {"saturation", "hue"} <= colour
 
 
+def test_greyscale_tasks_drop_colour_jitter_inherited_from_a_colour_tasks_path():
+    cfg = cpu_preset().replace(evolve_mu=False)
+    hp = search.initial_hparams(cfg, LITE0, 10)
+    hp["mu"]["input"] = 0.0
+    hp["aug"].update(saturation=0.01, hue=0.05, brightness=0.02)
+    inputs, _ = search.mutate_inputs(hp, cfg, LITE0, random.Random(0), colour=False)
+    assert inputs["aug"]["saturation"] == inputs["aug"]["hue"] == 0.0 and inputs["aug"]["brightness"] == 0.02
+    inputs, _ = search.mutate_inputs(hp, cfg, LITE0, random.Random(0), colour=True)
+    assert inputs["aug"]["saturation"] == 0.01 and inputs["aug"]["hue"] == 0.05
+
+
 def test_parent_selection_prefers_the_best_path_and_decays_with_children():
     rng = random.Random(0)
     best = search.Member("best", {}, 0.9, 0.9)
