@@ -31,12 +31,16 @@ def initial_hparams(cfg: EvolverConfig, root_config: dict, num_classes: int) -> 
 def initial_mu(cfg: EvolverConfig, depth: int) -> dict:
     # Bottom blocks are general features: cloning them or adapting them rarely pays and makes
     # the whole network above trainable, so their probabilities start low and evolve.
-    mu = {a: cfg.mu for a in ACTIONS if a not in ("clone", "adapter")}
+    mu = {a: start_mu(cfg, a) for a in ACTIONS if a not in ("clone", "adapter")}
     # Quadratic ramp: on a 16-block CNN the bottom half together gets ~1/6 of the top's odds.
     top = cfg.mu if cfg.mu_top is None else cfg.mu_top
     ramp = [round(cfg.mu_bottom + (top - cfg.mu_bottom) * (i / max(1, depth - 1)) ** 2, 4) for i in range(depth)]
     mu["clone"], mu["adapter"] = ramp, list(ramp)
     return mu
+
+
+def start_mu(cfg: EvolverConfig, action: str) -> float:
+    return cfg.mu_augment if action == "augment" and cfg.mu_augment is not None else cfg.mu
 
 
 def step(values: list, current, rng: random.Random):
@@ -54,7 +58,7 @@ def _distance(a, b) -> float:
 
 def prob(hp: dict, action: str, cfg: EvolverConfig, index: int | None = None) -> float:
     mu = hp.get("mu") or {}
-    value = mu.get(action, cfg.mu)
+    value = mu.get(action, start_mu(cfg, action))  # paths from before an action existed
     if isinstance(value, list):
         return value[index] if index is not None and index < len(value) else cfg.mu
     return value
@@ -152,7 +156,7 @@ def mutate_inputs(best_hp: dict, cfg: EvolverConfig, root_config: dict, rng: ran
     # A grey task can inherit colour jitter from a colour task's seed; drop it, it only costs the cache.
     arch, aug = best_hp["arch"], dict(best_hp["aug"]) if colour else drop_colour_jitter(best_hp["aug"])
     log: list[str] = []
-    p = prob(best_hp, "input", cfg)
+    p, p_aug = prob(best_hp, "input", cfg), prob(best_hp, "augment", cfg)
     sizes = allowed_sizes(cfg, root_config)
     size = arch["image_size"]
     if rng.random() < p:
@@ -161,7 +165,7 @@ def mutate_inputs(best_hp: dict, cfg: EvolverConfig, root_config: dict, rng: ran
             log.append(f"image_size:{size}->{new}")
             size = new
     for key in AUG_KEYS:
-        if rng.random() < p and (colour or key not in COLOUR_ONLY):
+        if rng.random() < p_aug and (colour or key not in COLOUR_ONLY):
             old = aug[key]
             aug[key] = step(VALUES[key], old, rng)
             if aug[key] != old:

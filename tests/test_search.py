@@ -40,6 +40,7 @@ def test_clone_and_adapter_odds_ramp_to_mu_top_while_other_actions_use_mu():
     mu = search.initial_hparams(cfg, LITE0, 10)["mu"]
     assert mu["clone"][0] == 0.05 and mu["clone"][-1] == 0.3 and mu["adapter"] == mu["clone"]
     assert all(mu[a] == 0.2 for a in ("hparam", "remove", "readd", "input"))
+    assert mu["augment"] == 0.05, "augmentation switches the prefix cache off: its own, lower odds"
     assert search.initial_mu(cfg.replace(mu_top=None), 16)["clone"][-1] == 0.2, "no mu_top: the ramp ends at mu"
     lo, hi = cpu_preset().mu_range
     assert all(lo <= v <= hi for v in search.initial_hparams(cpu_preset(), LITE0, 10)["mu"]["clone"])
@@ -84,10 +85,23 @@ def test_input_settings_mutate_within_allowed_sizes():
     assert sizes <= set(cfg.image_sizes) and len(sizes) > 1
 
 
+def test_augmentation_and_image_size_mutate_with_their_own_odds():
+    cfg = cpu_preset().replace(evolve_mu=False)
+    hp = search.initial_hparams(cfg, LITE0, 10)
+    hp["mu"]["input"], hp["mu"]["augment"] = 1.0, 0.0
+    sizes_only = [search.mutate_inputs(hp, cfg, LITE0, random.Random(s))[1] for s in range(20)]
+    assert all(log and all(e.startswith("image_size:") for e in log) for log in sizes_only)
+    hp["mu"]["input"], hp["mu"]["augment"] = 0.0, 1.0
+    aug_only = [search.mutate_inputs(hp, cfg, LITE0, random.Random(s))[1] for s in range(20)]
+    assert all(log and not any(e.startswith("image_size:") for e in log) for log in aug_only)
+    old = {k: v for k, v in hp["mu"].items() if k != "augment"}  # a path stored before the split
+    assert search.prob({**hp, "mu": old}, "augment", cfg) == cfg.mu_augment
+
+
 def test_greyscale_tasks_never_mutate_colour_jitter_that_would_be_a_no_op():
     cfg = cpu_preset().replace(evolve_mu=False)
     hp = search.initial_hparams(cfg, LITE0, 10)
-    hp["mu"]["input"] = 1.0
+    hp["mu"]["input"] = hp["mu"]["augment"] = 1.0
     grey, colour = set(), set()
     for seed in range(20):
         _, log = search.mutate_inputs(hp, cfg, LITE0, random.Random(seed), colour=False)
@@ -101,7 +115,7 @@ def test_greyscale_tasks_never_mutate_colour_jitter_that_would_be_a_no_op():
 def test_greyscale_tasks_drop_colour_jitter_inherited_from_a_colour_tasks_path():
     cfg = cpu_preset().replace(evolve_mu=False)
     hp = search.initial_hparams(cfg, LITE0, 10)
-    hp["mu"]["input"] = 0.0
+    hp["mu"]["input"] = hp["mu"]["augment"] = 0.0
     hp["aug"].update(saturation=0.01, hue=0.05, brightness=0.02)
     inputs, _ = search.mutate_inputs(hp, cfg, LITE0, random.Random(0), colour=False)
     assert inputs["aug"]["saturation"] == inputs["aug"]["hue"] == 0.0 and inputs["aug"]["brightness"] == 0.02
