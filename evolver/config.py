@@ -43,6 +43,7 @@ class EvolverConfig:
     mu_bottom: float = 0.1
     mu_top: float | None = None
     mu_augment: float | None = None  # starting odds of each augmentation mutation (None: mu)
+    fixed_hparams: tuple[str, ...] = ()  # hyperparameters the search never mutates (paths keep theirs)
     intervals: int = 30
     batches_per_interval: int = 200
     batch_size: int = 256
@@ -100,10 +101,14 @@ def cpu_preset() -> EvolverConfig:
     # 0.005), 0.82 at µ = 0.2 with clone/adapter odds 0.05 -> 0.3 (it found lr 0.05-0.1, 80 px).
     cfg = EvolverConfig(generations=4, candidates=4, intervals=2, batches_per_interval=10**9, batch_size=64, eval_batch_size=64,
                         max_epochs=1.0, min_improvement=0.002, image_sizes=[32, 48, 64, 80, 96],
-                        mu=0.2, mu_top=0.3, mu_bottom=0.05, mu_augment=0.05)
+                        mu=0.2, mu_top=0.3, mu_bottom=0.05, mu_augment=0.05, fixed_hparams=("bn_train",))
     # Augmentation odds 0.05, not µ: at 0.2 per setting 30 of the 32 candidates of a first
     # visit of mnist + notmnist trained with some jitter on (mostly brightness 0.01), which
     # switches the prefix cache off (30-46 s per candidate against 8-26 s cached).
+    # bn_train fixed (off): in the quality run of 2026-11-29 (commit fcacb78) none of the
+    # children that switched it on survived (0 of 7 by mid-run, ~9% of the budget), as
+    # MUNET.md §7 measured for fine-tuning: one epoch at batch 64 is too little to re-estimate
+    # a pretrained network's statistics.
     # lr 0.02: at these budgets full fine-tuning and head-only runs both pick 0.02 over
     # MUNET.md's 0.01 by validation on 4 of the 6 benchmark tasks, and muNet's own search
     # moved 4 of 6 live paths to 0.05-0.1.

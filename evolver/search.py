@@ -90,13 +90,13 @@ def mutate(parent_hp: dict, cfg: EvolverConfig, root_config: dict, rng: random.R
     log: list[str] = []
     mutate_mu(hp, cfg, rng, log)
     for key in OPT_KEYS:
-        if rng.random() < prob(hp, "hparam", cfg):
+        if key not in cfg.fixed_hparams and rng.random() < prob(hp, "hparam", cfg):
             old = hp["opt"][key]
             hp["opt"][key] = step(VALUES[key], old, rng)
             if hp["opt"][key] != old:
                 log.append(f"{key}:{old}->{hp['opt'][key]}")
     for key in ("adapter_width", "bn_train"):
-        if rng.random() < prob(hp, "hparam", cfg):
+        if key not in cfg.fixed_hparams and rng.random() < prob(hp, "hparam", cfg):
             old = hp[key]
             hp[key] = step(VALUES[key], old, rng)
             if hp[key] != old:
@@ -159,13 +159,13 @@ def mutate_inputs(best_hp: dict, cfg: EvolverConfig, root_config: dict, rng: ran
     p, p_aug = prob(best_hp, "input", cfg), prob(best_hp, "augment", cfg)
     sizes = allowed_sizes(cfg, root_config)
     size = arch["image_size"]
-    if rng.random() < p:
+    if "image_size" not in cfg.fixed_hparams and rng.random() < p:
         new = step(sizes, size, rng)
         if new != size:
             log.append(f"image_size:{size}->{new}")
             size = new
     for key in AUG_KEYS:
-        if rng.random() < p_aug and (colour or key not in COLOUR_ONLY):
+        if key not in cfg.fixed_hparams and rng.random() < p_aug and (colour or key not in COLOUR_ONLY):
             old = aug[key]
             aug[key] = step(VALUES[key], old, rng)
             if aug[key] != old:

@@ -63,6 +63,23 @@ def test_mutations_are_logged_and_meta_mutated_mu_stays_in_range():
         assert all(int(i) in hp["arch"]["blocks"] for i in hp["arch"]["adapters"])
 
 
+def test_fixed_hyperparameters_are_never_mutated_and_the_cpu_preset_fixes_bn_train():
+    assert "bn_train" in cpu_preset().fixed_hparams
+    cfg = cpu_preset().replace(mu=1.0, evolve_mu=False, fixed_hparams=("bn_train", "lr", "image_size", "hflip"))
+    hp = search.initial_hparams(cfg, LITE0, 10)
+    hp["mu"].update(hparam=1.0, input=1.0, augment=1.0)
+    rng, logs = random.Random(0), []
+    for _ in range(50):
+        hp, log, _ = search.mutate(hp, cfg, LITE0, rng)
+        inputs, input_log = search.mutate_inputs(hp, cfg, LITE0, rng)
+        hp = search.apply_inputs(hp, inputs)
+        logs += log + input_log
+    keys = {entry.split(":")[0] for entry in logs}
+    assert not keys & {"bn_train", "lr", "image_size", "hflip"}
+    assert {"momentum", "adapter_width", "brightness"} <= keys, "the others still move"
+    assert hp["bn_train"] is False and hp["opt"]["lr"] == 0.02 and hp["arch"]["image_size"] == 64
+
+
 def test_vit_layer_removal_drops_top_blocks():
     vit = {"family": "vit", "depth": 4, "removable": [0, 1, 2, 3], "image_size": 32, "patch_size": 8}
     cfg = cpu_preset().replace(mu=1.0, evolve_mu=False)
