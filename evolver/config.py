@@ -106,7 +106,7 @@ def cpu_preset() -> EvolverConfig:
     # visit of mnist + notmnist trained with some jitter on (mostly brightness 0.01), which
     # switches the prefix cache off (30-46 s per candidate against 8-26 s cached).
     # bn_train fixed (off): in the quality run of 2026-11-29 (commit fcacb78) none of the
-    # children that switched it on survived (0 of 7 by mid-run, ~9% of the budget), as
+    # children that switched it on survived (0 of 12, 6% of the budget), as
     # MUNET.md §7 measured for fine-tuning: one epoch at batch 64 is too little to re-estimate
     # a pretrained network's statistics.
     # lr 0.02: at these budgets full fine-tuning and head-only runs both pick 0.02 over
