@@ -64,6 +64,7 @@ class EvolverConfig:
     })
     prefix_cache_bytes: int = 3 * 1024**3
     reuse_prefix: bool = True  # compute frozen-prefix activations once per (prefix, size, split)
+    channels_last: bool = True  # candidates train and run their prefix in channels-last layout (evolver/train.py)
     threads: int | None = None
     device: str = "cpu"
     seed: int = 0

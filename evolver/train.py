@@ -25,7 +25,6 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from munet.models import preprocess
 
 from .config import EvolverConfig
-from .fastconv import small_map_convs
 from .search import augments
 
 
@@ -103,12 +102,35 @@ class PrefixCache:
         self.bytes += size
 
 
+def memory_format_of(cfg: EvolverConfig) -> torch.memory_format:
+    return torch.channels_last if cfg.channels_last else torch.contiguous_format
+
+
+@contextlib.contextmanager
+def in_memory_format(modules: list[nn.Module], fmt: torch.memory_format):
+    """Run a candidate's modules in `fmt`, back to contiguous on exit (safetensors stores only
+    contiguous tensors, and serving keeps the stock layout). Channels-last convolutions train
+    ~1.8x faster on CPU: EfficientNet-Lite0 fine-tuning at 96 px, batch 64, 2 threads,
+    0.57 -> 0.32 s per step; the frozen forward 0.22 -> 0.11 s."""
+    if fmt == torch.contiguous_format:
+        yield
+        return
+    for m in modules:
+        m.to(memory_format=fmt)
+    try:
+        yield
+    finally:
+        for m in modules:
+            m.to(memory_format=torch.contiguous_format)
+
+
 @torch.no_grad()
-def run_frozen(modules: list[nn.Module], x: torch.Tensor, image_size: int, mean, std, batch: int, device: str) -> torch.Tensor:
+def run_frozen(modules: list[nn.Module], x: torch.Tensor, image_size: int, mean, std, batch: int, device: str,
+               memory_format: torch.memory_format = torch.contiguous_format) -> torch.Tensor:
     """uint8 images through preprocessing and frozen modules, in batches, on `device`."""
     outs = []
     for i in range(0, len(x), batch):
-        h = preprocess(x[i:i + batch], image_size, mean, std).to(device)
+        h = preprocess(x[i:i + batch], image_size, mean, std).to(device).contiguous(memory_format=memory_format)
         for m in modules:
             h = m(h)
         outs.append(h)
@@ -121,7 +143,8 @@ def prefix_activations(cache: PrefixCache | None, ids: list[str], modules: list[
     hit = cache.get(key) if cache is not None else None
     if hit is not None:
         return hit
-    value = run_frozen(modules, data.x[split], image_size, data.mean, data.std, cfg.eval_batch_size, cfg.device)
+    value = run_frozen(modules, data.x[split], image_size, data.mean, data.std, cfg.eval_batch_size, cfg.device,
+                       memory_format_of(cfg))
     if cache is not None:
         cache.put(key, value)
     return value
@@ -226,11 +249,19 @@ def train_candidate(cand: Candidate, data: TaskData, cfg: EvolverConfig, cache: 
                     score_factor: float, start_score: float, progress=None) -> TrainResult:
     """Train in place; on return the modules hold the best snapshot (if any beat start_score)."""
     t0 = time.perf_counter()
+    for m in cand.modules:
+        m.to(cfg.device)
+    with in_memory_format(cand.modules, memory_format_of(cfg)):
+        result = _train(cand, data, cfg, cache, score_factor, start_score, progress)
+    result.seconds = time.perf_counter() - t0
+    return result
+
+
+def _train(cand: Candidate, data: TaskData, cfg: EvolverConfig, cache: PrefixCache | None,
+           score_factor: float, start_score: float, progress) -> TrainResult:
     hp, size, device = cand.hparams, cand.hparams["arch"]["image_size"], cfg.device
     k = cand.first_trainable
     prefix_ids, prefix, suffix = cand.ids[:k], cand.modules[:k], cand.modules[k:]
-    for m in cand.modules:
-        m.to(device)
     set_modes(cand, training=False)
     random_inputs = augments(hp)
     # Without reuse (cfg.reuse_prefix off: the benchmark's "no cache" arm) every batch runs
@@ -268,27 +299,25 @@ def train_candidate(cand: Candidate, data: TaskData, cfg: EvolverConfig, cache: 
     cursor = 0
     for interval, end in enumerate(ends):
         set_modes(cand, training=True)
-        # Convs on tiny maps as matmuls while training (evolver/fastconv.py); eval uses stock layers.
-        with small_map_convs(suffix) if device == "cpu" else contextlib.nullcontext():
-            while step < end:
-                if cursor >= n:
-                    order, cursor = torch.randperm(n, generator=gen), 0
-                idx = order[cursor:cursor + cfg.batch_size]
-                cursor += len(idx)
-                if per_batch:
-                    xb = _augmented_batch(data.x["train"][idx], aug, size) if random_inputs else data.x["train"][idx]
-                    hb = run_frozen(prefix, xb, size, data.mean, data.std, len(idx), device)
-                else:
-                    hb = h_train[idx.to(h_train.device)]
-                for g in opt.param_groups:
-                    g["lr"] = lr_at(step, total, steps_per_interval, hp["opt"])
-                loss = F.cross_entropy(_forward(suffix, hb), y_train[idx].to(device))
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                torch.nn.utils.clip_grad_norm_(list(params.values()), cfg.grad_clip)
-                opt.step()
-                step += 1
-                examples += len(idx)
+        while step < end:
+            if cursor >= n:
+                order, cursor = torch.randperm(n, generator=gen), 0
+            idx = order[cursor:cursor + cfg.batch_size]
+            cursor += len(idx)
+            if per_batch:
+                xb = _augmented_batch(data.x["train"][idx], aug, size) if random_inputs else data.x["train"][idx]
+                hb = run_frozen(prefix, xb, size, data.mean, data.std, len(idx), device, memory_format_of(cfg))
+            else:
+                hb = h_train[idx.to(h_train.device)]
+            for g in opt.param_groups:
+                g["lr"] = lr_at(step, total, steps_per_interval, hp["opt"])
+            loss = F.cross_entropy(_forward(suffix, hb), y_train[idx].to(device))
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(list(params.values()), cfg.grad_clip)
+            opt.step()
+            step += 1
+            examples += len(idx)
         set_modes(cand, training=False)
         acc = accuracy(suffix, h_val, data.y["val"].to(h_val.device), cfg.eval_batch_size)
         sc = acc * score_factor
@@ -307,7 +336,7 @@ def train_candidate(cand: Candidate, data: TaskData, cfg: EvolverConfig, cache: 
     momentum = _momentum_of(cand, opt) if cfg.inherit_momentum else {}
     improved = best_state is not None
     return TrainResult(best_acc if improved else curve[-1]["val_acc"], best if improved else curve[-1]["score"],
-                       improved, curve, examples, time.perf_counter() - t0, momentum)
+                       improved, curve, examples, 0.0, momentum)
 
 
 def _inherit_momentum(cand: Candidate, opt: torch.optim.Optimizer, cfg: EvolverConfig) -> None:
@@ -328,7 +357,7 @@ def _momentum_of(cand: Candidate, opt: torch.optim.Optimizer) -> dict[str, dict[
     out = {}
     for cid, module, trainable in zip(cand.ids, cand.modules, cand.trainable):
         if trainable:
-            out[cid] = {name: opt.state[p]["momentum_buffer"].detach().cpu()
+            out[cid] = {name: opt.state[p]["momentum_buffer"].detach().cpu().contiguous()
                         for name, p in module.named_parameters() if "momentum_buffer" in opt.state.get(p, {})}
     return out
 

@@ -1,6 +1,7 @@
 """The evolver on real (small) tasks: visits, immunity, BatchNorm, leases and fencing."""
 from __future__ import annotations
 
+import copy
 import datetime as dt
 
 import pytest
@@ -161,3 +162,32 @@ def test_candidates_train_whole_epochs_validated_at_two_points(two_tasks, epochs
     n_train = 270  # 300 images less the 10% validation split
     assert row.examples == epochs * n_train, "every training image seen once per epoch"
     assert len(row.val_curve) == 2, "validated after each half of the budget"
+
+
+def test_channels_last_training_matches_the_default_layout_and_leaves_weights_contiguous(two_tasks):
+    system = two_tasks
+    with system.Session() as s:
+        task = s.scalar(select(Task).where(Task.name == "a"))
+        from munet.storage.schema import Root
+        root = s.get(Root, task.root_id)
+    data = TaskData.from_arrays("a", system.dataset(task), 0.1, 0, root.config["mean"], root.config["std"])
+    from munet.evolver import search
+    hp = search.initial_hparams(tiny_config(), root.config, data.num_classes)
+    template, _ = baselines._build(system, root, task, "top:4", hp)
+    results, weights = [], []
+    for channels_last in (False, True):
+        cfg = tiny_config(channels_last=channels_last)
+        cand = copy.deepcopy(template)  # same ids, so the same data order
+        layouts = set()
+        for m in (cand.modules[0], cand.modules[cand.first_trainable - 1]):  # the stem and the top of the prefix
+            m.register_forward_pre_hook(lambda m, args: layouts.add(not args[0].is_contiguous()))
+        results.append(train_candidate(cand, data, cfg, PrefixCache(1 << 30), 1.0, float("-inf")))
+        assert layouts == {channels_last}
+        tensors = [t for m in cand.modules for t in (*m.parameters(), *m.buffers())]
+        # Stored blobs are safetensors, which refuse non-contiguous tensors.
+        assert all(t.is_contiguous() for t in tensors)
+        assert all(b.is_contiguous() for bufs in results[-1].momentum.values() for b in bufs.values())
+        weights.append(torch.cat([p.flatten() for m, t in zip(cand.modules, cand.trainable) if t
+                                  for p in m.parameters()]))
+    assert abs(results[0].val_acc - results[1].val_acc) <= 0.02
+    assert torch.allclose(weights[0], weights[1], atol=1e-3), "same training, only the layout differs"
