@@ -242,12 +242,16 @@ class Executor:
                 self._publish(tasks=tasks)
 
     def prepare(self, modules: dict[str, nn.Module]) -> None:
-        """Fold BatchNorms into convolutions in components not served yet (in place; those
-        in the cache are folded already). Before the probe check, so the check sees what
-        will serve."""
+        """Fold BatchNorms into convolutions and store weights channels-last in components not
+        served yet (in place; those in the cache are prepared already). Before the probe
+        check, so the check sees what will serve.
+
+        Channels-last, in process on one thread, 16 tasks x 1 image at 64 px: 65 -> 44 ms;
+        one task's 16 images: 24 -> 22 ms (`/tmp` script over `run_shared`, 2026-11-29)."""
         for cid, module in modules.items():
             if cid not in self.cache:
                 models.fold_batchnorm(module)
+                module.to(memory_format=torch.channels_last)
 
     def install(self, served: Served, modules: dict[str, nn.Module]) -> Served | None:
         """Make `served` the task's path (atomically); returns the path it replaced."""
@@ -330,7 +334,8 @@ class Executor:
         jobs = []
         for served, x in requests:
             p = served.path
-            jobs.append((p.ids, p.modules, models.preprocess(x, p.image_size, p.mean, p.std)))
+            x = models.preprocess(x, p.image_size, p.mean, p.std).contiguous(memory_format=torch.channels_last)
+            jobs.append((p.ids, p.modules, x))
         return run_shared(jobs, stats)
 
     def infer(self, items: list[Item]) -> list[Result]:

@@ -93,13 +93,17 @@ def test_run_shared_with_different_image_sizes_keeps_groups_apart(served):
     torch.testing.assert_close(out[1], run_shared([(s.ids, s.path.modules, x48)])[0], atol=1e-4, rtol=0)
 
 
-def test_executor_results_equal_the_evaluators_logits(served):
+def test_executor_results_equal_the_evaluators_logits_with_folded_channels_last_weights(served):
     system, executor, _ = served
     x = task_images(system, "beta", n=6)
     srv = executor.table.current["beta"]
     path, _ = system.load_path(srv.path_id)  # as the evolver has it: BatchNorms not folded
     assert any(isinstance(m, torch.nn.BatchNorm2d) for m in path.modules[1].modules())
     assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in srv.path.modules[1].modules())  # served: folded
+    convs = [m for mod in srv.path.modules for m in mod.modules() if isinstance(m, torch.nn.Conv2d)
+             and m.in_channels // m.groups > 1 and m.kernel_size != (1, 1)]  # else both layouts coincide
+    assert convs and all(c.weight.is_contiguous(memory_format=torch.channels_last) and not c.weight.is_contiguous()
+                         for c in convs)
     ref = torch.softmax(evaluator_logits(path.modules, x, srv.image_size, path.mean, path.std, 6, "cpu"), 1)
     results = executor.infer([Item("beta", x[i].numpy(), top=4) for i in range(6)])
     for i, r in enumerate(results):
