@@ -126,8 +126,11 @@ def in_memory_format(modules: list[nn.Module], fmt: torch.memory_format):
 
 @torch.no_grad()
 def run_frozen(modules: list[nn.Module], x: torch.Tensor, image_size: int, mean, std, batch: int, device: str,
-               memory_format: torch.memory_format = torch.contiguous_format) -> torch.Tensor:
-    """uint8 images through preprocessing and frozen modules, in batches, on `device`."""
+               memory_format: torch.memory_format = torch.channels_last) -> torch.Tensor:
+    """uint8 images through preprocessing and frozen modules, in batches, on `device`.
+
+    Channels-last by default, the layout the server runs (server/executor.py), so the
+    evaluator's probe logits are computed the way the server will compute them."""
     outs = []
     for i in range(0, len(x), batch):
         h = preprocess(x[i:i + batch], image_size, mean, std).to(device).contiguous(memory_format=memory_format)

@@ -86,6 +86,7 @@ def task_images(system: System, task: str, split: str = "x_test", n: int | None 
 
 def commit_variant(system: System, task: str, *, seed: int, score: float, clone_blocks: tuple[int, ...] = (),
                    drop_blocks: tuple[int, ...] = (), image_size: int = 32, tamper_probe: bool = False,
+                   probe_shift: float = 0.0,
                    parent_id: str | None = None, publish: bool = False) -> commit.CommitResult:
     """Commit a path of `task`: the root's components, except clones (small changes) of
     `clone_blocks`, the final norm and a random head; `drop_blocks` leaves blocks out."""
@@ -128,6 +129,8 @@ def commit_variant(system: System, task: str, *, seed: int, score: float, clone_
     probe_logits = evaluator_logits(modules, probe_x, image_size, config["mean"], config["std"], PROBE, "cpu")
     if tamper_probe:
         probe_logits = probe_logits * 1.5 + 0.25
+    # Every probe logit moved by probe_shift x the batch's largest |logit| (rounding-sized noise).
+    probe_logits = probe_logits + probe_shift * probe_logits.abs().max()
     record = commit.PathRecord(
         task=task, root_id=root.id, component_ids=ids, image_size=image_size, parent_id=parent_id,
         hparams={"arch": {"blocks": blocks, "adapters": {}, "image_size": image_size, "num_classes": k}},

@@ -146,6 +146,19 @@ def test_swap_loads_only_missing_components_and_releases_unused_ones(served):
     assert not private_old & set(executor.cache)
 
 
+def test_probe_check_tolerates_rounding_relative_to_the_largest_logit_and_refuses_more(served):
+    system, executor, listener = served
+    # Differences of 5e-5 x max |logit| (above 1e-4 for the small logits of a large-logit
+    # path) are float32 rounding, not a wrong weight: served.
+    near = commit_variant(system, "alpha", seed=31, score=0.96, probe_shift=5e-5)
+    listener.sync()
+    assert executor.table.current["alpha"].path_id == near.path_id
+    far = commit_variant(system, "alpha", seed=32, score=0.97, probe_shift=2e-3)
+    listener.sync()
+    assert executor.table.current["alpha"].path_id == near.path_id
+    assert "probe_mismatch" in (executor.table.tasks["alpha"].error or "")
+
+
 def test_failed_swap_keeps_the_old_path_and_counts_an_error(served):
     system, executor, listener = served
     old = executor.table.current["alpha"].path_id
