@@ -146,17 +146,21 @@ def test_swap_loads_only_missing_components_and_releases_unused_ones(served):
     assert not private_old & set(executor.cache)
 
 
-def test_probe_check_tolerates_rounding_relative_to_the_largest_logit_and_refuses_more(served):
+def test_probe_check_tolerates_rounding_relative_to_the_largest_logit_and_refuses_more(client, served):
     system, executor, listener = served
+    system.add_task("zeta", npz_bytes(2, seed=5), filename="z.npz")  # its own task: others' live paths stay
+    commit_variant(system, "zeta", seed=30, score=0.5)
     # Differences of 5e-5 x max |logit| (above 1e-4 for the small logits of a large-logit
     # path) are float32 rounding, not a wrong weight: served.
-    near = commit_variant(system, "alpha", seed=31, score=0.96, probe_shift=5e-5)
+    near = commit_variant(system, "zeta", seed=31, score=0.6, probe_shift=5e-5)
     listener.sync()
-    assert executor.table.current["alpha"].path_id == near.path_id
-    far = commit_variant(system, "alpha", seed=32, score=0.97, probe_shift=2e-3)
+    assert executor.table.current["zeta"].path_id == near.path_id
+    commit_variant(system, "zeta", seed=32, score=0.7, probe_shift=2e-3)
     listener.sync()
-    assert executor.table.current["alpha"].path_id == near.path_id
-    assert "probe_mismatch" in (executor.table.tasks["alpha"].error or "")
+    assert executor.table.current["zeta"].path_id == near.path_id
+    assert "probe_mismatch" in (executor.table.tasks["zeta"].error or "")
+    assert client.delete("/tasks/zeta", headers={"Authorization": f"Bearer {TOKEN}"}).status_code == 200
+    listener.sync()
 
 
 def test_failed_swap_keeps_the_old_path_and_counts_an_error(served):
