@@ -88,6 +88,23 @@ def per_task(system: System, column) -> dict[str, float]:
     return {n: float(v or 0) for n, v in rows}
 
 
+def budget_split(system: System) -> dict[str, dict[str, int]]:
+    """Training examples per task by kind of candidate (unmutated seed or mutated child),
+    by visit and by outcome: where the budget went."""
+    with system.Session() as s:
+        rows = s.execute(select(Task.name, Candidate.visit_id, Candidate.mutations, Candidate.outcome, Candidate.examples)
+                         .join(Task, Task.id == Candidate.task_id).order_by(Candidate.id)).all()
+    out: dict[str, dict[str, int]] = {}
+    visits: dict[str, list] = {}
+    for name, visit, mutations, outcome, examples in rows:
+        order = visits.setdefault(name, [])
+        if visit not in order:
+            order.append(visit)
+        key = f"visit{order.index(visit) + 1}:{'seed' if 'seed' in mutations else 'child'}:{outcome}"
+        out.setdefault(name, {})[key] = out[name].get(key, 0) + int(examples or 0)
+    return out
+
+
 def run_munet(work: Path, parts: Path, base: float, tasks: list[str], cfg, visits: int) -> list[dict]:
     """All tasks of one base in one installation (tasks share components across the round
     robin), so a base is the unit that resumes from PARTS; within a session, --work keeps
@@ -108,7 +125,7 @@ def run_munet(work: Path, parts: Path, base: float, tasks: list[str], cfg, visit
                                   "val_acc": system.task_json(t)["live_path"]["val_acc"]})
                 print(f"quality: {method} {t} visit {round_}: {visit_log[-1]['seconds']:.0f} s, "
                       f"val {visit_log[-1]['val_acc']:.3f}", flush=True)
-    ex, secs = per_task(system, Candidate.examples), per_task(system, Candidate.seconds)
+    ex, secs, split = per_task(system, Candidate.examples), per_task(system, Candidate.seconds), budget_split(system)
     summary = system.system_json()
     out = []
     for t in tasks:
@@ -117,7 +134,8 @@ def run_munet(work: Path, parts: Path, base: float, tasks: list[str], cfg, visit
         row = {"method": method, "task": t, "test_acc": live["test_acc"], "val_acc": live["val_acc"],
                "accounted_params": live["accounted_params"], "params_per_task": summary["params_per_task"],
                "examples": int(ex.get(t, 0)), "seconds": secs.get(t, 0.0), "candidates": info.get("candidates_tried"),
-               "image_size": live.get("image_size"), "visits": [v for v in visit_log if v["task"] == t]}
+               "image_size": live.get("image_size"), "visits": [v for v in visit_log if v["task"] == t],
+               "budget_split": split.get(t, {})}
         save_part(parts, row)
         out.append(row)
     return out

@@ -96,6 +96,7 @@ class Visit:
             tried = set(s.scalars(select(CandidateRow.parent_path_id).where(
                 CandidateRow.task_id == task.id, CandidateRow.outcome != "error")))
             split = (task.val_fraction, task.split_seed)
+            visits = task.visits
             live_score = s.scalar(select(PathRow.score).where(PathRow.id == task.live_path_id)) if task.live_path_id else None
         arrays = sys_.dataset(task)
         self.data = TaskData.from_arrays(self.task_name, arrays, split[0], split[1], self.root_config["mean"], self.root_config["std"])
@@ -103,7 +104,8 @@ class Visit:
         # Seeds: every other task's live path and the root, unmutated (§5.2); a seed this
         # task already tried unmutated in an earlier visit is not retried.
         self.seeds = [self._committed_entry(pid) for pid in list(others.values()) + [self.root_path_id]]
-        self.pending_seeds = [e for e in self.seeds if e.path_id not in tried] if self.cfg.seed_phase else []
+        seeding = self.cfg.seed_phase and (self.cfg.seed_visits is None or visits < self.cfg.seed_visits)
+        self.pending_seeds = [e for e in self.seeds if e.path_id not in tried] if seeding else []
         self.population: list[Entry] = []
         if self.live_id:
             live = self._committed_entry(self.live_id)

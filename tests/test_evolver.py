@@ -60,6 +60,25 @@ def test_a_visit_gives_a_new_task_a_live_path_and_records_every_candidate(two_ta
     assert "seed" in rows[0].mutations  # the root seed is tried unmutated first
 
 
+def test_seeds_are_tried_only_on_the_visits_the_config_allows(two_tasks):
+    cfg = tiny_config(candidates=3)
+    Visit(two_tasks, "a", cfg, progress=False).run()
+    Visit(two_tasks, "b", cfg, progress=False).run()
+    with two_tasks.Session.begin() as s:
+        s.execute(update(Task).where(Task.name == "a").values(visits=1))
+
+    def new_rows():
+        with two_tasks.Session() as s:
+            rows = list(s.scalars(select(CandidateRow).join(Task).where(Task.name == "a").order_by(CandidateRow.id)))
+        return rows[-3:]
+
+    assert cfg.seed_visits == 1
+    Visit(two_tasks, "a", cfg, progress=False).run()
+    assert not any("seed" in r.mutations for r in new_rows()), "a second visit skips b's untried live path"
+    Visit(two_tasks, "a", cfg.replace(seed_visits=None), progress=False).run()
+    assert "seed" in new_rows()[0].mutations, "MUNET.md's rule seeds every visit"
+
+
 def test_evolving_one_task_never_changes_another_tasks_outputs_or_blobs(two_tasks):
     Visit(two_tasks, "a", tiny_config(), progress=False).run()
     a_path = two_tasks.task_json("a")["live_path"]["id"]
