@@ -101,7 +101,8 @@ def budget_split(system: System) -> dict[str, dict[str, int]]:
         if visit not in order:
             order.append(visit)
         key = f"visit{order.index(visit) + 1}:{'seed' if 'seed' in mutations else 'child'}:{outcome}"
-        out.setdefault(name, {})[key] = out[name].get(key, 0) + int(examples or 0)
+        task = out.setdefault(name, {})
+        task[key] = task.get(key, 0) + int(examples or 0)
     return out
 
 

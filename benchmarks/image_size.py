@@ -1,0 +1,60 @@
+"""Full fine-tuning at several image sizes, one run each with the quality benchmark's
+per-run budget: is the 64 px fine-tuning baseline at its best fixed size, and how much does
+a lineage lose by sitting at a smaller size (quality benchmark, gtsrb at 48 px)?
+
+    python benchmarks/image_size.py                       # gtsrb at 48, 64 and 96 px
+    python benchmarks/image_size.py --tasks cifar --sizes 64 96
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import SHARED_DATA, table, write  # noqa: E402
+from quality import PARTS, installation, load_part  # noqa: E402
+
+from munet.evolver.baselines import run_baseline  # noqa: E402
+from munet.evolver.config import cpu_preset  # noqa: E402
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--tasks", nargs="+", default=["gtsrb"])
+    ap.add_argument("--sizes", type=int, nargs="+", default=[48, 64, 96])
+    ap.add_argument("--lr", type=float, default=0.02, help="fine-tuning's pick by validation on 4 of 6 tasks")
+    ap.add_argument("--runs-per-budget", type=int, default=2, help="the quality benchmark splits its budget over this many runs")
+    ap.add_argument("--name", default="image_size")
+    args = ap.parse_args()
+    torch.set_num_threads(2)
+    missing = [t for t in args.tasks if not (SHARED_DATA / f"{t}.npz").exists() or not load_part(PARTS, "muNet base 1.0", t)]
+    if missing:
+        sys.exit(f"image_size: needs the data sets and the muNet base 1.0 quality parts (the budget) of {missing}")
+    rows = []
+    with tempfile.TemporaryDirectory() as work:
+        system = installation(Path(work), "image-size", args.tasks)
+        for t in args.tasks:
+            budget = load_part(PARTS, "muNet base 1.0", t)["examples"]
+            n_train = int(round(system.task_json(t)["n_train"] * 0.9))
+            epochs = budget / (args.runs_per_budget * n_train)
+            for size in args.sizes:
+                cfg = cpu_preset().replace(max_epochs=epochs, intervals=max(2, int(epochs) + 1))
+                cfg.defaults["image_size"] = size
+                t0 = time.perf_counter()
+                r = run_baseline(system, t, "full", cfg, lrs=[args.lr], commit=False)
+                rows.append({"task": t, "image_size": size, "lr": args.lr, "epochs": round(epochs, 2), "val_acc": r["val_acc"],
+                             "test_acc": r["test_acc"], "examples": r["examples"], "seconds": time.perf_counter() - t0})
+                print(f"image_size: {t} {size} px: val {r['val_acc']:.3f} test {r['test_acc']:.3f} "
+                      f"in {rows[-1]['seconds']:.0f} s", flush=True)
+    print("\nFull fine-tuning by image size (one run, half the quality budget)\n")
+    print(table(rows, ["task", "image_size", "lr", "epochs", "val_acc", "test_acc", "examples", "seconds"]))
+    print(f"\nwrote {write(args.name, {'args': vars(args), 'rows': rows})}")
+
+
+if __name__ == "__main__":
+    main()
