@@ -66,17 +66,18 @@ def test_seeds_are_tried_only_on_the_visits_the_config_allows(two_tasks):
     Visit(two_tasks, "b", cfg, progress=False).run()
     with two_tasks.Session.begin() as s:
         s.execute(update(Task).where(Task.name == "a").values(visits=1))
-
-    def new_rows():
-        with two_tasks.Session() as s:
-            rows = list(s.scalars(select(CandidateRow).join(Task).where(Task.name == "a").order_by(CandidateRow.id)))
-        return rows[-3:]
+    # Checked before a's second visit: that visit's parent selection may pick b's live path
+    # as a mutated parent, after which no rule would retry it unmutated.
+    every = Visit(two_tasks, "a", cfg.replace(seed_visits=None), progress=False)
+    every._load()
+    b_live = two_tasks.task_json("b")["live_path"]["id"]
+    assert b_live in [e.path_id for e in every.pending_seeds], "MUNET.md's rule seeds every visit"
 
     assert cfg.seed_visits == 1
     Visit(two_tasks, "a", cfg, progress=False).run()
-    assert not any("seed" in r.mutations for r in new_rows()), "a second visit skips b's untried live path"
-    Visit(two_tasks, "a", cfg.replace(seed_visits=None), progress=False).run()
-    assert "seed" in new_rows()[0].mutations, "MUNET.md's rule seeds every visit"
+    with two_tasks.Session() as s:
+        rows = list(s.scalars(select(CandidateRow).join(Task).where(Task.name == "a").order_by(CandidateRow.id)))
+    assert not any("seed" in r.mutations for r in rows[-3:]), "a second visit skips b's untried live path"
 
 
 def test_evolving_one_task_never_changes_another_tasks_outputs_or_blobs(two_tasks):
