@@ -55,7 +55,8 @@ class EvolverConfig:
     min_improvement: float = 0.0
     val_fraction: float = 0.1
     seed_phase: bool = True
-    # Visits of a task that start with the seeding phase (None: every visit, MUNET.md §5.2).
+    # Visits of a task that start with the seeding phase and whose parent selection may fall
+    # back to a seed (None: every visit, MUNET.md §5.2-3); later visits evolve the task's own paths.
     seed_visits: int | None = None
     inherit_momentum: bool = True
     image_sizes: list[int] = field(default_factory=lambda: list(VALUES["image_size"]))
@@ -110,9 +111,11 @@ def cpu_preset() -> EvolverConfig:
     # seeds (other tasks' live paths with a new head and norm trained one epoch on a backbone
     # frozen for other data: about a head-only probe, 0.77 average test against muNet's 0.85
     # in the quality benchmark) spend 31% of the visit to challenge a live path its lineage
-    # trained for a whole visit. Parent selection's uniform fallback still reaches every seed.
-    # Measured (quality benchmark, one run each): average test 0.847 with it and without; the
-    # seeds' share of the budget fell from 26% to 10%.
+    # trained for a whole visit. Measured (quality benchmark, one run each): average test
+    # 0.847 with it and without; the seeds' share of the budget fell from 26% to 10%.
+    # Nor does a later visit's parent selection fall back to seeds (MUNET.md picks uniformly
+    # among seeds and own paths): in gtsrb's second visit of that run, half of the 16
+    # candidates went to such a side lineage (validation 0.39 -> 0.73; the live path: 0.79).
     # Augmentation odds 0.05, not µ: at 0.2 per setting 30 of the 32 candidates of a first
     # visit of mnist + notmnist trained with some jitter on (mostly brightness 0.01), which
     # switches the prefix cache off (30-46 s per candidate against 8-26 s cached).

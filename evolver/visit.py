@@ -104,8 +104,8 @@ class Visit:
         # Seeds: every other task's live path and the root, unmutated (§5.2); a seed this
         # task already tried unmutated in an earlier visit is not retried.
         self.seeds = [self._committed_entry(pid) for pid in list(others.values()) + [self.root_path_id]]
-        seeding = self.cfg.seed_phase and (self.cfg.seed_visits is None or visits < self.cfg.seed_visits)
-        self.pending_seeds = [e for e in self.seeds if e.path_id not in tried] if seeding else []
+        self.seeding = self.cfg.seed_visits is None or visits < self.cfg.seed_visits
+        self.pending_seeds = [e for e in self.seeds if e.path_id not in tried] if self.seeding and self.cfg.seed_phase else []
         self.population: list[Entry] = []
         if self.live_id:
             live = self._committed_entry(self.live_id)
@@ -257,7 +257,11 @@ class Visit:
             seed = self.pending_seeds.pop(0)
             return seed, copy.deepcopy(seed.hparams), ["seed"], set(), True
         members = [self._member(e) for e in self.population]
-        seeds = [self._member(e) for e in self.seeds]
+        # A visit past the seeding ones falls back to this task's own paths only: a mutated
+        # seed starts a side lineage one epoch from a head probe, which the live lineage's
+        # whole visits of training keep out of reach (MUNET.md's rule when seed_visits is None).
+        fallback = self.seeds if self.seeding or not members else []
+        seeds = [self._member(e) for e in fallback]
         parent = self.entries[search.select_parent(members, seeds, self.rng).key]
         hp, mutations, clones = search.mutate(parent.hparams, self.cfg, self.root_config, self.rng)
         return parent, hp, mutations, clones, False

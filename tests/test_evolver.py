@@ -80,6 +80,26 @@ def test_seeds_are_tried_only_on_the_visits_the_config_allows(two_tasks):
     assert not any("seed" in r.mutations for r in rows[-3:]), "a second visit skips b's untried live path"
 
 
+def test_parent_selection_falls_back_to_seeds_only_on_seeding_visits(two_tasks):
+    cfg = tiny_config()
+    Visit(two_tasks, "a", cfg, progress=False).run()
+    Visit(two_tasks, "b", cfg, progress=False).run()
+    with two_tasks.Session.begin() as s:
+        s.execute(update(Task).where(Task.name == "a").values(visits=1))
+
+    def parents(visit):
+        visit._load()
+        visit.pending_seeds = []
+        live = visit.population[0]
+        visit._member(live).children = 60  # saturated: selection always takes the fallback
+        return live.path_id, {visit._pick()[0].path_id for _ in range(40)}
+
+    live, picked = parents(Visit(two_tasks, "a", cfg.replace(seed_visits=None), progress=False))
+    assert picked - {live}, "MUNET.md's rule: the uniform fallback reaches the seeds"
+    live, picked = parents(Visit(two_tasks, "a", cfg, progress=False))
+    assert picked == {live}, "past its seeding visits a task evolves only its own paths"
+
+
 def test_evolving_one_task_never_changes_another_tasks_outputs_or_blobs(two_tasks):
     Visit(two_tasks, "a", tiny_config(), progress=False).run()
     a_path = two_tasks.task_json("a")["live_path"]["id"]
