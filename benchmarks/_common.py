@@ -9,7 +9,8 @@ from pathlib import Path
 
 import torch
 
-RESULTS = Path(__file__).resolve().parent / "results"
+# MUNET_BENCH_RESULTS: where results go instead (the test suite's --quick run writes to a temp dir).
+RESULTS = Path(os.environ.get("MUNET_BENCH_RESULTS") or Path(__file__).resolve().parent / "results")
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 
 

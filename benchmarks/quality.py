@@ -36,7 +36,7 @@ from munet.evolver.baselines import run_baseline  # noqa: E402
 from munet.evolver.config import cpu_preset  # noqa: E402
 from munet.evolver.worker import run_worker  # noqa: E402
 from munet.settings import Settings  # noqa: E402
-from munet.storage.schema import Candidate, Task  # noqa: E402
+from munet.storage.schema import Candidate, PathRow, Task  # noqa: E402
 from munet.system import System  # noqa: E402
 
 TASKS = ["cifar", "gtsrb", "natural_images", "mnist", "notmnist", "elpv"]
@@ -99,18 +99,22 @@ def per_task(system: System, column) -> dict[str, float]:
 
 
 def budget_split(system: System) -> dict[str, dict[str, int]]:
-    """Training examples per task by kind of candidate (unmutated seed or mutated child),
-    by visit and by outcome: where the budget went."""
+    """Training examples per task by kind of candidate, by visit and by outcome: where the
+    budget went. Kinds: an unmutated seed, a child of this task's own lineage, or a
+    "seedchild" (a mutated child of another task's path or of the root: a side lineage)."""
     with system.Session() as s:
-        rows = s.execute(select(Task.name, Candidate.visit_id, Candidate.mutations, Candidate.outcome, Candidate.examples)
-                         .join(Task, Task.id == Candidate.task_id).order_by(Candidate.id)).all()
+        rows = s.execute(select(Task.name, Candidate.visit_id, Candidate.mutations, Candidate.outcome, Candidate.examples,
+                                Candidate.task_id == PathRow.task_id)
+                         .join(Task, Task.id == Candidate.task_id)
+                         .outerjoin(PathRow, PathRow.id == Candidate.parent_path_id).order_by(Candidate.id)).all()
     out: dict[str, dict[str, int]] = {}
     visits: dict[str, list] = {}
-    for name, visit, mutations, outcome, examples in rows:
+    for name, visit, mutations, outcome, examples, own_parent in rows:
         order = visits.setdefault(name, [])
         if visit not in order:
             order.append(visit)
-        key = f"visit{order.index(visit) + 1}:{'seed' if 'seed' in mutations else 'child'}:{outcome}"
+        kind = "seed" if "seed" in mutations else "child" if own_parent else "seedchild"
+        key = f"visit{order.index(visit) + 1}:{kind}:{outcome}"
         task = out.setdefault(name, {})
         task[key] = task.get(key, 0) + int(examples or 0)
     return out
