@@ -2,8 +2,13 @@
 per-run budget: is the 64 px fine-tuning baseline at its best fixed size, and how much does
 a lineage lose by sitting at a smaller size (quality benchmark, gtsrb at 48 px)?
 
+`--schedule restarts` trains the same run as a chain of one-epoch warm-up + cosine cycles,
+validated after each: a muNet lineage's schedule (every child restarts its warm-up for one
+epoch) without its selection or mutations.
+
     python benchmarks/image_size.py                       # gtsrb at 48, 64 and 96 px
     python benchmarks/image_size.py --tasks cifar --sizes 64 96
+    python benchmarks/image_size.py --sizes 64 --schedule cosine restarts --name schedule
 """
 from __future__ import annotations
 
@@ -29,6 +34,8 @@ def main() -> None:
     ap.add_argument("--sizes", type=int, nargs="+", default=[48, 64, 96])
     ap.add_argument("--lr", type=float, default=0.02, help="fine-tuning's pick by validation on 4 of 6 tasks")
     ap.add_argument("--runs-per-budget", type=int, default=2, help="the quality benchmark splits its budget over this many runs")
+    ap.add_argument("--schedule", nargs="+", default=["cosine"], choices=["cosine", "restarts"],
+                    help="cosine: one cycle over the run; restarts: one warm-up + cosine cycle per epoch")
     ap.add_argument("--name", default="image_size")
     args = ap.parse_args()
     torch.set_num_threads(2)
@@ -43,16 +50,20 @@ def main() -> None:
             n_train = int(round(system.task_json(t)["n_train"] * 0.9))
             epochs = budget / (args.runs_per_budget * n_train)
             for size in args.sizes:
-                cfg = cpu_preset().replace(max_epochs=epochs, intervals=max(2, int(epochs) + 1))
-                cfg.defaults["image_size"] = size
-                t0 = time.perf_counter()
-                r = run_baseline(system, t, "full", cfg, lrs=[args.lr], commit=False)
-                rows.append({"task": t, "image_size": size, "lr": args.lr, "epochs": round(epochs, 2), "val_acc": r["val_acc"],
-                             "test_acc": r["test_acc"], "examples": r["examples"], "seconds": time.perf_counter() - t0})
-                print(f"image_size: {t} {size} px: val {r['val_acc']:.3f} test {r['test_acc']:.3f} "
-                      f"in {rows[-1]['seconds']:.0f} s", flush=True)
-    print("\nFull fine-tuning by image size (one run, half the quality budget)\n")
-    print(table(rows, ["task", "image_size", "lr", "epochs", "val_acc", "test_acc", "examples", "seconds"]))
+                for schedule in args.schedule:
+                    # Restarts: one cycle per validation interval, so as many intervals as epochs.
+                    intervals = max(2, int(epochs) + 1) if schedule == "cosine" else max(1, round(epochs))
+                    cfg = cpu_preset().replace(max_epochs=epochs, intervals=intervals)
+                    cfg.defaults.update({"image_size": size, "schedule": schedule})
+                    t0 = time.perf_counter()
+                    r = run_baseline(system, t, "full", cfg, lrs=[args.lr], commit=False)
+                    rows.append({"task": t, "image_size": size, "schedule": schedule, "lr": args.lr, "epochs": round(epochs, 2),
+                                 "val_acc": r["val_acc"], "test_acc": r["test_acc"], "examples": r["examples"],
+                                 "seconds": time.perf_counter() - t0})
+                    print(f"image_size: {t} {size} px {schedule}: val {r['val_acc']:.3f} test {r['test_acc']:.3f} "
+                          f"in {rows[-1]['seconds']:.0f} s", flush=True)
+    print("\nFull fine-tuning by image size and schedule (one run, half the quality budget)\n")
+    print(table(rows, ["task", "image_size", "schedule", "lr", "epochs", "val_acc", "test_acc", "examples", "seconds"]))
     print(f"\nwrote {write(args.name, {'args': vars(args), 'rows': rows})}")
 
 
