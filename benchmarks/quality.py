@@ -283,6 +283,7 @@ def report(rows: list[dict], tasks: list[str], methods: list[str], name: str, ar
         print(f"not finished: {line}")
     png = RESULTS / f"{name}.png"
     if averages:
+        png.parent.mkdir(parents=True, exist_ok=True)
         plot([r for r in rows if r["method"] in {a["method"] for a in averages}], png)
     path = write(name, {"args": {k: str(v) for k, v in vars(args).items()}, "tasks": tasks, "rows": rows,
                         "averages": averages, "unfinished": unfinished + skipped, "wall_seconds_this_run": wall,
