@@ -58,6 +58,10 @@ class EvolverConfig:
     # Visits of a task that start with the seeding phase and whose parent selection may fall
     # back to a seed (None: every visit, MUNET.md §5.2-3); later visits evolve the task's own paths.
     seed_visits: int | None = None
+    # Where input settings (image size, augmentation) are drawn and mutated: once per
+    # generation from the task's best path, shared by its candidates (MUNET.md §3), or per
+    # candidate from its parent, so candidates of one generation compete across sizes.
+    inputs_per: str = "generation"
     inherit_momentum: bool = True
     image_sizes: list[int] = field(default_factory=lambda: list(VALUES["image_size"]))
     defaults: dict = field(default_factory=lambda: {
@@ -71,6 +75,10 @@ class EvolverConfig:
     threads: int | None = None
     device: str = "cpu"
     seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.inputs_per not in ("generation", "candidate"):
+            raise ValueError(f"inputs_per must be 'generation' or 'candidate', not {self.inputs_per!r}")
 
     def replace(self, **changes) -> "EvolverConfig":
         return dataclasses.replace(self, **changes)
@@ -106,7 +114,14 @@ def cpu_preset() -> EvolverConfig:
     cfg = EvolverConfig(generations=4, candidates=4, intervals=2, batches_per_interval=10**9, batch_size=64, eval_batch_size=64,
                         max_epochs=1.0, min_improvement=0.002, image_sizes=[32, 48, 64, 80, 96],
                         mu=0.2, mu_top=0.3, mu_bottom=0.05, mu_augment=0.05, fixed_hparams=("bn_train",),
-                        seed_visits=1)
+                        seed_visits=1, inputs_per="candidate")
+    # Input settings per candidate, from its parent: with one-epoch candidates every child
+    # gains from its extra epoch, so a size drawn once for a whole generation rides on that
+    # gain and sticks. gtsrb (quality benchmark, gtsrb + elpv alone, same seed and budget):
+    # per generation its first size draw, 64 -> 48 px, hitchhiked on its generation's
+    # gains (0.678 -> 0.684) and no later draw left 48 px: test 0.704. Per candidate a 48 px
+    # child lost to its 64 px siblings of the same generation (0.808 vs 0.840-0.852): test
+    # 0.827, val 0.902 (was 0.800); elpv 0.732 (0.729).
     # Seeds on a task's first visit only: at 16 candidates per visit, a second visit's five
     # seeds (other tasks' live paths with a new head and norm trained one epoch on a backbone
     # frozen for other data: about a head-only probe, 0.77 average test against muNet's 0.85

@@ -232,9 +232,11 @@ class Visit:
             if self.should_stop():
                 break
             best = max(self.population, key=lambda e: e.score, default=None)
-            inputs, input_log = search.mutate_inputs(best.hparams if best else self.seeds[-1].hparams,
-                                                     self.cfg, self.root_config, self.rng,
-                                                     colour=self.colour)
+            inputs, input_log = None, []
+            if self.cfg.inputs_per == "generation":
+                inputs, input_log = search.mutate_inputs(best.hparams if best else self.seeds[-1].hparams,
+                                                         self.cfg, self.root_config, self.rng,
+                                                         colour=self.colour)
             bar = tqdm(total=self.cfg.candidates, desc=f"{self.task_name} gen {gen + 1}/{self.cfg.generations}",
                        disable=not self.progress, leave=False, dynamic_ncols=True)
             for _ in range(self.cfg.candidates):
@@ -277,8 +279,10 @@ class Visit:
     def colour(self) -> bool:
         return self.data.x["train"].shape[-1] != 1
 
-    def _one_candidate(self, gen: int, inputs: dict, input_log: list[str]) -> bool:
+    def _one_candidate(self, gen: int, inputs: dict | None, input_log: list[str]) -> bool:
         parent, hp, mutations, clones, is_seed = self._pick()
+        if not is_seed and inputs is None:  # cfg.inputs_per == "candidate": from the parent's own
+            inputs, input_log = search.mutate_inputs(hp, self.cfg, self.root_config, self.rng, colour=self.colour)
         if not is_seed:
             hp = search.apply_inputs(hp, inputs)
             mutations = mutations + input_log

@@ -100,6 +100,22 @@ def test_parent_selection_falls_back_to_seeds_only_on_seeding_visits(two_tasks):
     assert picked == {live}, "past its seeding visits a task evolves only its own paths"
 
 
+def test_candidates_of_one_generation_share_input_settings_unless_drawn_per_candidate(two_tasks):
+    # mu = 1: every candidate's draw moves the size off 32 px (to 48, or clamped back to 32).
+    cfg = tiny_config(candidates=6, mu=1.0, evolve_mu=False)
+
+    def sizes(visit_cfg, task):
+        Visit(two_tasks, task, visit_cfg, progress=False).run()
+        with two_tasks.Session() as s:
+            rows = s.scalars(select(CandidateRow).join(Task).where(Task.name == task))
+            return [r.hparams["arch"]["image_size"] for r in rows if "seed" not in r.mutations]
+
+    shared = sizes(cfg, "a")
+    assert len(shared) >= 4 and len(set(shared)) == 1, "MUNET.md: one draw per generation"
+    drawn = sizes(cfg.replace(inputs_per="candidate"), "b")
+    assert len(drawn) >= 4 and set(drawn) == {32, 48}, "each candidate mutates its parent's size"
+
+
 def test_evolving_one_task_never_changes_another_tasks_outputs_or_blobs(two_tasks):
     Visit(two_tasks, "a", tiny_config(), progress=False).run()
     a_path = two_tasks.task_json("a")["live_path"]["id"]
