@@ -102,7 +102,7 @@ def test_parent_selection_falls_back_to_seeds_only_on_seeding_visits(two_tasks):
 
 def test_candidates_of_one_generation_share_input_settings_unless_drawn_per_candidate(two_tasks):
     # mu = 1: every candidate's draw moves the size off 32 px (to 48, or clamped back to 32).
-    cfg = tiny_config(candidates=6, mu=1.0, evolve_mu=False)
+    cfg = tiny_config(candidates=6, mu=1.0, evolve_mu=False, inputs_per="generation")
 
     def sizes(visit_cfg, task):
         Visit(two_tasks, task, visit_cfg, progress=False).run()
