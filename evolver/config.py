@@ -62,6 +62,10 @@ class EvolverConfig:
     # generation from the task's best path, shared by its candidates (MUNET.md §3), or per
     # candidate from its parent, so candidates of one generation compete across sizes.
     inputs_per: str = "generation"
+    # Optimiser settings (lr, schedule, warm-up, momentum) a child of a seed starts from: the
+    # seed's own, tuned on another task ("seed", as a path's hparams travel in MUNET.md), or
+    # this task's ("own": its live path's, else the defaults); a seed still brings its layers.
+    seed_opt: str = "seed"
     inherit_momentum: bool = True
     image_sizes: list[int] = field(default_factory=lambda: list(VALUES["image_size"]))
     defaults: dict = field(default_factory=lambda: {
@@ -79,6 +83,8 @@ class EvolverConfig:
     def __post_init__(self) -> None:
         if self.inputs_per not in ("generation", "candidate"):
             raise ValueError(f"inputs_per must be 'generation' or 'candidate', not {self.inputs_per!r}")
+        if self.seed_opt not in ("seed", "own"):
+            raise ValueError(f"seed_opt must be 'seed' or 'own', not {self.seed_opt!r}")
 
     def replace(self, **changes) -> "EvolverConfig":
         return dataclasses.replace(self, **changes)
@@ -114,7 +120,7 @@ def cpu_preset() -> EvolverConfig:
     cfg = EvolverConfig(generations=4, candidates=4, intervals=2, batches_per_interval=10**9, batch_size=64, eval_batch_size=64,
                         max_epochs=1.0, min_improvement=0.002, image_sizes=[32, 48, 64, 80, 96],
                         mu=0.2, mu_top=0.3, mu_bottom=0.05, mu_augment=0.05, fixed_hparams=("bn_train",),
-                        seed_visits=1, inputs_per="candidate")
+                        seed_visits=1, inputs_per="candidate", seed_opt="own")
     # Input settings per candidate, from its parent: with one-epoch candidates every child
     # gains from its extra epoch, so a size drawn once for a whole generation rides on that
     # gain and sticks. gtsrb (quality benchmark, gtsrb + elpv alone, same seed and budget):

@@ -97,10 +97,13 @@ class Visit:
                 CandidateRow.task_id == task.id, CandidateRow.outcome != "error")))
             split = (task.val_fraction, task.split_seed)
             visits = task.visits
-            live_score = s.scalar(select(PathRow.score).where(PathRow.id == task.live_path_id)) if task.live_path_id else None
+            live = s.get(PathRow, task.live_path_id) if task.live_path_id else None
+            live_score = live.score if live else None
+            live_opt = copy.deepcopy(live.hparams.get("opt")) if live else None
         arrays = sys_.dataset(task)
         self.data = TaskData.from_arrays(self.task_name, arrays, split[0], split[1], self.root_config["mean"], self.root_config["std"])
         self.family = models.family_for(self.root_config["timm"])
+        self.own_opt = live_opt or search.initial_hparams(self.cfg, self.root_config, self.num_classes)["opt"]
         # Seeds: every other task's live path and the root, unmutated (§5.2); a seed this
         # task already tried unmutated in an earlier visit is not retried.
         self.seeds = [self._committed_entry(pid) for pid in list(others.values()) + [self.root_path_id]]
@@ -134,6 +137,8 @@ class Visit:
         hp["arch"]["num_classes"] = self.num_classes
         if path.task_id is None:  # the root seed keeps the root's blocks but this visit's default image size
             hp["arch"]["image_size"] = search.initial_hparams(self.cfg, self.root_config, self.num_classes)["arch"]["image_size"]
+        if not same and self.cfg.seed_opt == "own":
+            hp["opt"] = copy.deepcopy(self.own_opt)
         entry = Entry(path_id, hp, slots, True, same, committed_path=path_id, val_acc=path.val_acc or 0.0,
                       score=path.score if (same and path.score is not None) else float("-inf"))
         self.entries[path_id] = entry

@@ -116,6 +116,34 @@ def test_candidates_of_one_generation_share_input_settings_unless_drawn_per_cand
     assert len(drawn) >= 4 and set(drawn) == {32, 48}, "each candidate mutates its parent's size"
 
 
+def test_a_seeds_children_start_from_this_tasks_optimiser_settings_when_configured(two_tasks):
+    cfg = tiny_config()
+    Visit(two_tasks, "a", cfg, progress=False).run()
+    a_live = two_tasks.task_json("a")["live_path"]["id"]
+    foreign = {"lr": 0.1, "schedule": "restarts", "warmup": 0.3, "momentum": 0.9, "nesterov": False}
+    with two_tasks.Session.begin() as s:
+        row = s.get(PathRow, a_live)
+        row.hparams = {**row.hparams, "opt": foreign}
+
+    def seed_opts(visit_cfg):
+        visit = Visit(two_tasks, "b", visit_cfg, progress=False)
+        visit._load()
+        return {e.path_id: e.hparams["opt"] for e in visit.seeds}
+
+    assert seed_opts(cfg.replace(seed_opt="seed"))[a_live] == foreign, "MUNET.md: a path's hparams travel with it"
+    own = seed_opts(cfg.replace(seed_opt="own"))
+    defaults = {k: cfg.defaults[k] for k in foreign}
+    assert own[a_live] == defaults and all(o == defaults for o in own.values()), "a new task starts from the defaults"
+
+    Visit(two_tasks, "b", cfg.replace(seed_opt="own"), progress=False).run()
+    b_opt = two_tasks.task_json("b")["live_path"]["hparams"]["opt"]
+    with two_tasks.Session.begin() as s:
+        s.execute(update(Task).where(Task.name == "b").values(visits=0))  # seed again
+    assert seed_opts(cfg.replace(seed_opt="own"))[a_live] == b_opt, "a task with a live path keeps its own settings"
+    with pytest.raises(ValueError, match="seed_opt"):
+        cfg.replace(seed_opt="other")
+
+
 def test_evolving_one_task_never_changes_another_tasks_outputs_or_blobs(two_tasks):
     Visit(two_tasks, "a", tiny_config(), progress=False).run()
     a_path = two_tasks.task_json("a")["live_path"]["id"]
