@@ -144,6 +144,14 @@ def cpu_preset() -> EvolverConfig:
     # children that switched it on survived (0 of 12, 6% of the budget), as
     # MUNET.md §7 measured for fine-tuning: one epoch at batch 64 is too little to re-estimate
     # a pretrained network's statistics.
+    # A seed's children start from the task's own optimiser settings (seed_opt "own"): with
+    # the seed's, every task inherited cifar's one-epoch-greedy lr 0.1 with half-epoch
+    # restarts (156 of 192 candidates of the quality run at commit 5269c7b trained at lr 0.1,
+    # where fine-tuning picks 0.01-0.02 by validation), and second visits stalled. With "own"
+    # (quality run at commit 5fa1564, same seed and budget), validation after the first visits
+    # rose on 4 of the 5 tasks it touches (gtsrb 0.882 -> 0.886, notmnist 0.920 -> 0.938, elpv
+    # 0.726 -> 0.746; natural images 0.972 -> 0.970), but cifar's first visit, which it does
+    # not touch (only the root seeds it), moved 0.812 -> 0.832 too: one run each, noisy.
     # lr 0.02: at these budgets full fine-tuning and head-only runs both pick 0.02 over
     # MUNET.md's 0.01 by validation on 4 of the 6 benchmark tasks, and muNet's own search
     # moved 4 of 6 live paths to 0.05-0.1.
