@@ -165,6 +165,7 @@ class Candidate:
     trainable: list[bool]
     hparams: dict
     momentum: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)  # component id -> param -> buffer
+    lr_scale: float = 1.0  # the visit's decay (EvolverConfig.lr_scale) on the path's lr
 
     @property
     def first_trainable(self) -> int:
@@ -313,7 +314,7 @@ def _train(cand: Candidate, data: TaskData, cfg: EvolverConfig, cache: PrefixCac
             else:
                 hb = h_train[idx.to(h_train.device)]
             for g in opt.param_groups:
-                g["lr"] = lr_at(step, total, steps_per_interval, hp["opt"])
+                g["lr"] = cand.lr_scale * lr_at(step, total, steps_per_interval, hp["opt"])
             loss = F.cross_entropy(_forward(suffix, hb), y_train[idx].to(device))
             opt.zero_grad(set_to_none=True)
             loss.backward()

@@ -296,6 +296,9 @@ class Visit:
         self._member(parent).children += 1
         path_id = new_id()
         cand, slots, actions = self.build(parent, hp, clones, path_id)
+        cand.lr_scale = self.cfg.lr_scale(gen)
+        if cand.lr_scale != 1.0:  # the record's hparams keep the path's lr; this says what trained
+            actions = actions + [f"lr_scale:{cand.lr_scale:.3g}"]
         factor, accounted = self.score_factor(slots, hp["arch"]["image_size"])
         start = parent.score + self.cfg.min_improvement if parent.same_task else float("-inf")
         status, result = "error", None

@@ -144,6 +144,42 @@ def test_a_seeds_children_start_from_this_tasks_optimiser_settings_when_configur
         cfg.replace(seed_opt="other")
 
 
+def test_a_visits_later_generations_train_at_a_decayed_lr_when_configured(two_tasks):
+    cfg = tiny_config(generations=4, visit_lr_floor=0.1)
+    assert [round(cfg.lr_scale(g), 3) for g in range(4)] == [1.0, 0.775, 0.325, 0.1]
+    assert {cfg.replace(visit_lr_floor=None).lr_scale(g) for g in range(4)} == {1.0}, "MUNET.md: the path's lr"
+    for bad in (0.0, 1.5):
+        with pytest.raises(ValueError, match="visit_lr_floor"):
+            cfg.replace(visit_lr_floor=bad)
+
+    system = two_tasks
+    with system.Session() as s:
+        task = s.scalar(select(Task).where(Task.name == "a"))
+        from munet.storage.schema import Root
+        root = s.get(Root, task.root_id)
+    data = TaskData.from_arrays("a", system.dataset(task), 0.1, 0, root.config["mean"], root.config["std"])
+    from munet.evolver import search
+    hp = search.initial_hparams(cfg, root.config, data.num_classes)
+    template, _ = baselines._build(system, root, task, "top:4", hp)
+
+    def weights(c):
+        return torch.cat([p.detach().flatten().clone() for m, t in zip(c.modules, c.trainable) if t for p in m.parameters()])
+
+    start, moved = weights(template), []
+    for scale in (1.0, 0.1):
+        cand = copy.deepcopy(template)  # same ids, so the same data order
+        cand.lr_scale = scale
+        train_candidate(cand, data, cfg, PrefixCache(1 << 30), 1.0, float("-inf"))
+        moved.append(float((weights(cand) - start).norm()))
+    assert moved[1] < 0.5 * moved[0], f"a tenth of the lr moves the weights less: {moved}"
+
+    Visit(system, "a", cfg.replace(generations=2, candidates=2), progress=False).run()
+    with system.Session() as s:
+        rows = list(s.scalars(select(CandidateRow).join(Task).where(Task.name == "a")))
+    notes = {r.generation: {m for m in r.mutations if m.startswith("lr_scale:")} for r in rows}
+    assert notes == {0: set(), 1: {"lr_scale:0.1"}}, "the record says what each generation trained at"
+
+
 def test_evolving_one_task_never_changes_another_tasks_outputs_or_blobs(two_tasks):
     Visit(two_tasks, "a", tiny_config(), progress=False).run()
     a_path = two_tasks.task_json("a")["live_path"]["id"]
