@@ -45,6 +45,20 @@ def _blobs(system, path_id):
     return {h: system.store.read_bytes(h) for h in hashes}
 
 
+def _top4_candidate(system, cfg):
+    """Task a's data and a root path whose top 4 components train, at cfg's defaults."""
+    from munet.evolver import search
+    from munet.storage.schema import Root
+
+    with system.Session() as s:
+        task = s.scalar(select(Task).where(Task.name == "a"))
+        root = s.get(Root, task.root_id)
+    data = TaskData.from_arrays("a", system.dataset(task), 0.1, 0, root.config["mean"], root.config["std"])
+    hp = search.initial_hparams(cfg, root.config, data.num_classes)
+    template, _ = baselines._build(system, root, task, "top:4", hp)
+    return data, template
+
+
 def test_a_visit_gives_a_new_task_a_live_path_and_records_every_candidate(two_tasks):
     result = Visit(two_tasks, "a", tiny_config(max_epochs=3.0), progress=False).run()
     info = two_tasks.task_json("a")
@@ -153,14 +167,7 @@ def test_a_visits_later_generations_train_at_a_decayed_lr_when_configured(two_ta
             cfg.replace(visit_lr_floor=bad)
 
     system = two_tasks
-    with system.Session() as s:
-        task = s.scalar(select(Task).where(Task.name == "a"))
-        from munet.storage.schema import Root
-        root = s.get(Root, task.root_id)
-    data = TaskData.from_arrays("a", system.dataset(task), 0.1, 0, root.config["mean"], root.config["std"])
-    from munet.evolver import search
-    hp = search.initial_hparams(cfg, root.config, data.num_classes)
-    template, _ = baselines._build(system, root, task, "top:4", hp)
+    data, template = _top4_candidate(system, cfg)
 
     def weights(c):
         return torch.cat([p.detach().flatten().clone() for m, t in zip(c.modules, c.trainable) if t for p in m.parameters()])
@@ -286,14 +293,7 @@ def test_candidates_train_whole_epochs_validated_at_two_points(two_tasks, epochs
 
 def test_channels_last_training_matches_the_default_layout_and_leaves_weights_contiguous(two_tasks):
     system = two_tasks
-    with system.Session() as s:
-        task = s.scalar(select(Task).where(Task.name == "a"))
-        from munet.storage.schema import Root
-        root = s.get(Root, task.root_id)
-    data = TaskData.from_arrays("a", system.dataset(task), 0.1, 0, root.config["mean"], root.config["std"])
-    from munet.evolver import search
-    hp = search.initial_hparams(tiny_config(), root.config, data.num_classes)
-    template, _ = baselines._build(system, root, task, "top:4", hp)
+    data, template = _top4_candidate(system, tiny_config())
     results, weights = [], []
     for channels_last in (False, True):
         cfg = tiny_config(channels_last=channels_last)
