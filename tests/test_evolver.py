@@ -45,8 +45,9 @@ def _blobs(system, path_id):
     return {h: system.store.read_bytes(h) for h in hashes}
 
 
-def _top4_candidate(system, cfg):
-    """Task a's data and a root path whose top 4 components train, at cfg's defaults."""
+def _root_candidate(system, cfg, plan="top:4"):
+    """Task a's data and a root path trained as a baseline plan says (default: its top 4
+    components), at cfg's defaults."""
     from munet.evolver import search
     from munet.storage.schema import Root
 
@@ -55,7 +56,7 @@ def _top4_candidate(system, cfg):
         root = s.get(Root, task.root_id)
     data = TaskData.from_arrays("a", system.dataset(task), 0.1, 0, root.config["mean"], root.config["std"])
     hp = search.initial_hparams(cfg, root.config, data.num_classes)
-    template, _ = baselines._build(system, root, task, "top:4", hp)
+    template, _ = baselines._build(system, root, task, plan, hp)
     return data, template
 
 
@@ -167,7 +168,7 @@ def test_a_visits_later_generations_train_at_a_decayed_lr_when_configured(two_ta
             cfg.replace(visit_lr_floor=bad)
 
     system = two_tasks
-    data, template = _top4_candidate(system, cfg)
+    data, template = _root_candidate(system, cfg)
 
     def weights(c):
         return torch.cat([p.detach().flatten().clone() for m, t in zip(c.modules, c.trainable) if t for p in m.parameters()])
@@ -215,15 +216,7 @@ def test_live_score_only_rises_and_every_move_is_recorded(two_tasks):
 
 def test_frozen_batchnorm_statistics_never_change_while_a_candidate_trains(two_tasks):
     cfg = tiny_config()
-    system = two_tasks
-    with system.Session() as s:
-        task = s.scalar(select(Task).where(Task.name == "a"))
-        from munet.storage.schema import Root
-        root = s.get(Root, task.root_id)
-    data = TaskData.from_arrays("a", system.dataset(task), 0.1, 0, root.config["mean"], root.config["std"])
-    from munet.evolver import search
-    hp = search.initial_hparams(cfg, root.config, data.num_classes)
-    cand, _ = baselines._build(system, root, task, "freeze:12", hp)
+    data, cand = _root_candidate(two_tasks, cfg, "freeze:12")
     frozen = [m for m, t in zip(cand.modules, cand.trainable) if not t]
     trained = [m for m, t in zip(cand.modules, cand.trainable) if t]
     snap = lambda mods: [{k: v.clone() for k, v in m.state_dict().items()} for m in mods]  # noqa: E731
@@ -293,7 +286,7 @@ def test_candidates_train_whole_epochs_validated_at_two_points(two_tasks, epochs
 
 def test_channels_last_training_matches_the_default_layout_and_leaves_weights_contiguous(two_tasks):
     system = two_tasks
-    data, template = _top4_candidate(system, tiny_config())
+    data, template = _root_candidate(system, tiny_config())
     results, weights = [], []
     for channels_last in (False, True):
         cfg = tiny_config(channels_last=channels_last)
