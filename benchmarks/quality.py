@@ -36,6 +36,7 @@ from munet.evolver.baselines import run_baseline  # noqa: E402
 from munet.evolver.config import cpu_preset  # noqa: E402
 from munet.evolver.worker import run_worker  # noqa: E402
 from munet.settings import Settings  # noqa: E402
+from munet.storage import lineage  # noqa: E402
 from munet.storage.schema import Candidate, PathRow, Task  # noqa: E402
 from munet.system import System  # noqa: E402
 
@@ -120,6 +121,14 @@ def budget_split(system: System) -> dict[str, dict[str, int]]:
     return out
 
 
+def training_line(system: System, path_id: str) -> dict:
+    """How much training stands behind a live path: its line of candidates (a lineage
+    step each) against fine-tuning's one run of many epochs."""
+    with system.ReadSession() as s:
+        line = lineage.training_line(s, path_id)
+    return {k: line[k] for k in ("steps", "examples", "complete", "starts_from")}
+
+
 def run_munet(work: Path, parts: Path, base: float, tasks: list[str], cfg, visits: int) -> list[dict]:
     """All tasks of one base in one installation (tasks share components across the round
     robin), so a base is the unit that resumes from PARTS; within a session, --work keeps
@@ -150,7 +159,7 @@ def run_munet(work: Path, parts: Path, base: float, tasks: list[str], cfg, visit
                "accounted_params": live["accounted_params"], "params_per_task": summary["params_per_task"],
                "examples": int(ex.get(t, 0)), "seconds": secs.get(t, 0.0), "candidates": info.get("candidates_tried"),
                "image_size": live.get("image_size"), "visits": [v for v in visit_log if v["task"] == t],
-               "budget_split": split.get(t, {})}
+               "budget_split": split.get(t, {}), "training_line": training_line(system, live["id"])}
         save_part(parts, row)
         out.append(row)
     return out
@@ -265,6 +274,16 @@ def main() -> None:
     report(rows, tasks, methods, name, args, time.perf_counter() - t0, skipped)
 
 
+def line_examples(row: dict) -> int | None:
+    """Training examples behind the served weights: a muNet live path's line of candidates,
+    a baseline's one winning run (its budget split evenly over its runs)."""
+    if "training_line" in row:
+        return row["training_line"]["examples"] if row["training_line"]["complete"] else None
+    if row.get("runs"):
+        return round(row["examples"] / len(row["runs"]))
+    return None
+
+
 def report(rows: list[dict], tasks: list[str], methods: list[str], name: str, args, wall: float, skipped: list[str]) -> None:
     averages, unfinished = [], []
     for method in methods:
@@ -274,7 +293,11 @@ def report(rows: list[dict], tasks: list[str], methods: list[str], name: str, ar
             continue
         averages.append({"method": method, "task": "average", **{k: statistics.mean(r[k] for r in mine)
                          for k in ("test_acc", "val_acc", "accounted_params", "params_per_task", "examples", "seconds")}})
-    cols = ["method", "task", "image_size", "test_acc", "val_acc", "params_per_task", "accounted_params", "examples", "seconds"]
+    for r in rows:
+        if line_examples(r) is not None:
+            r["line_examples"] = line_examples(r)
+    cols = ["method", "task", "image_size", "test_acc", "val_acc", "params_per_task", "accounted_params", "examples",
+            "line_examples", "seconds"]
     print(f"\nQuality, {len(tasks)} tasks, equal per-task budgets (muNet base {max(args.bases)} sets them)\n")
     print(table(rows, cols))
     print("\nAverages (methods finished on every task)\n")

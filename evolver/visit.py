@@ -316,7 +316,7 @@ class Visit:
                           train_examples=result.examples, train_seconds=result.seconds, momentum=result.momentum)
             self.entries[path_id] = entry
             self.population.append(entry)
-        row_id = self._record(gen, parent, hp, mutations + actions, result, accounted, status)
+        row_id = self._record(gen, parent, path_id, hp, mutations + actions, result, accounted, status)
         if entry is not None:
             entry.candidate_row = row_id
         if entry is not None and not self.live_id and not self.committed_live:
@@ -327,8 +327,11 @@ class Visit:
             self.on_candidate(self.task_name, status)
         return status == "improved"
 
-    def _record(self, gen, parent, hp, mutations, result, accounted, status) -> int:
-        lineage_note = [] if parent.committed else [f"parent:{parent.path_id}"]
+    def _record(self, gen, parent, path_id, hp, mutations, result, accounted, status) -> int:
+        # An in-visit parent is never committed, so its id lives only in these notes: the
+        # child names it ("parent:"), and the row that trained it names itself ("path:"), so
+        # a lineage is rebuilt from the records alone, uncommitted steps included.
+        lineage_note = [f"path:{path_id}"] + ([] if parent.committed else [f"parent:{parent.path_id}"])
         with self.system.Session.begin() as s:
             row = CandidateRow(task_id=self.task_id, visit_id=self.visit_id, parent_path_id=parent.committed_path,
                                generation=gen, mutations=mutations + lineage_note, hparams=hp,

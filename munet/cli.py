@@ -387,9 +387,17 @@ def cmd_task_show(ctx: Context) -> None:
     if view["error"]:
         rows.append(("error", view["error"]))
     if live:
+        with system.ReadSession() as s:
+            line = lineage.training_line(s, live["id"])
+            fraction = s.scalar(select(Task.val_fraction).where(Task.name == view["name"]))
+        epochs = line["examples"] / max(1, round(view["n_train"] * (1 - fraction)))
         rows += [("live path", live["id"]), ("score", live["score"]), ("validation acc", live["val_acc"]),
                  ("test acc", live["test_acc"]), ("accounted params", _fmt_params(live["accounted_params"])),
                  ("image size", str(live["image_size"]))]
+        if line["steps"]:
+            rows.append(("training line", f"{line['steps']} candidates from a {line['starts_from']}, "
+                         f"{line['examples']:,} examples ({epochs:.1f} epochs of the training split)"
+                         + ("" if line["complete"] else ", older steps unrecorded")))
     else:
         rows.append(("live path", "none yet (the evolver makes the first one)"))
     ctx.console.print(_kv_table(f"task {view['name']}", rows))

@@ -6,7 +6,7 @@ from collections import defaultdict
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
-from .schema import Component, ComponentLock, LiveHistory, PathComponent, PathRow, Root, Task
+from .schema import Candidate, Component, ComponentLock, LiveHistory, PathComponent, PathRow, Root, Task
 
 
 def path_component_ids(s: Session, path_id: str) -> list[str]:
@@ -56,6 +56,45 @@ def ancestry(s: Session, path_id: str) -> list[PathRow]:
         chain.append(row)
         path_id = row.parent_id
     return chain
+
+
+def training_line(s: Session, path_id: str) -> dict:
+    """The candidates whose training a path's weights carry, oldest first: from the row that
+    trained the path back through its parents while they are of the same task (in-visit
+    parents by the "path:"/"parent:" notes, committed ones by `candidates.path_id`). It ends
+    at a seed, at another task's or the root's path, or where a parent left no record
+    (`complete` False: candidates recorded before the "path:" note existed)."""
+    path = s.get(PathRow, path_id)
+    if path is None:
+        raise KeyError(path_id)
+    rows = list(s.scalars(select(Candidate).where(Candidate.task_id == path.task_id)))
+    by_path: dict[str, Candidate] = {}
+    for row in rows:
+        for note in row.mutations or []:
+            if isinstance(note, str) and note.startswith("path:"):
+                by_path[note[5:]] = row
+        if row.path_id:
+            by_path[row.path_id] = row
+    line, want, complete = [], path_id, True
+    while want is not None:
+        row = by_path.get(want)
+        if row is None:
+            complete = False
+            break
+        line.append(row)
+        if "seed" in (row.mutations or []):
+            break
+        notes = [n[7:] for n in row.mutations or [] if isinstance(n, str) and n.startswith("parent:")]
+        parent = notes[0] if notes else row.parent_path_id
+        if not notes:
+            parent_row = s.get(PathRow, parent) if parent else None
+            if parent_row is None or parent_row.task_id != path.task_id:
+                break  # a mutated child of another task's path or of the root: the line starts here
+        want = parent
+    line.reverse()
+    return {"candidates": line, "steps": len(line), "examples": sum(r.examples or 0 for r in line),
+            "seconds": sum(r.seconds or 0.0 for r in line), "complete": complete,
+            "starts_from": "seed" if line and "seed" in (line[0].mutations or []) else "mutated parent" if line else None}
 
 
 def component_origin(s: Session, component_id: str) -> dict:

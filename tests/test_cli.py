@@ -196,6 +196,8 @@ def test_quickstart_works_in_a_fresh_home_and_twice(tmp_path, monkeypatch, capsy
     task = json.loads(out)
     assert task["classes"] == [str(i) for i in range(10)]
     assert task["n_train"] + task["n_test"] == 1797
+    rc, out, _ = run_main(monkeypatch, capsys, home, "task", "show", "digits")
+    assert rc == 0 and "training line" in out and "epochs of the training split" in " ".join(out.split())
 
 
 def test_fsck_passes_then_fails_after_corrupting_a_blob(home_copy):

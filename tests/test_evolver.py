@@ -188,6 +188,46 @@ def test_a_visits_later_generations_train_at_a_decayed_lr_when_configured(two_ta
     assert notes == {0: set(), 1: {"lr_scale:0.1"}}, "the record says what each generation trained at"
 
 
+def _own_id(row):
+    return next(n[5:] for n in row.mutations if n.startswith("path:"))
+
+
+def _parent_ref(row):
+    return next((n[7:] for n in row.mutations if n.startswith("parent:")), row.parent_path_id)
+
+
+def test_a_live_paths_training_line_is_rebuilt_from_the_candidate_records(two_tasks):
+    from munet.storage.lineage import training_line
+
+    cfg = tiny_config(generations=2, candidates=2)
+    lines = []
+    for visit in range(2):
+        with two_tasks.Session.begin() as s:  # as the worker counts them: visit 2 seeds nothing
+            s.execute(update(Task).where(Task.name == "a").values(visits=visit))
+        Visit(two_tasks, "a", cfg, progress=False).run()
+        live = two_tasks.task_json("a")["live_path"]["id"]
+        with two_tasks.Session() as s:
+            line = training_line(s, live)
+            rows = line["candidates"]
+            assert line["complete"] and line["steps"] == len(rows) >= 1
+            assert rows[-1].path_id == live and all(r.outcome == "improved" for r in rows)
+            assert all(_parent_ref(child) == _own_id(parent) for parent, child in zip(rows, rows[1:]))
+            assert line["examples"] == sum(r.examples for r in rows) > 0
+            assert (line["starts_from"] == "seed") == ("seed" in rows[0].mutations)
+            lines.append([r.id for r in rows])
+        assert any(n.startswith("parent:") for r in rows for n in r.mutations), "an uncommitted in-visit step"
+    assert lines[1][:len(lines[0])] == lines[0], "a later visit extends the line it built on"
+
+    # Records without the "path:" note (written before it existed) cannot name in-visit
+    # parents: the line stops there and says so.
+    with two_tasks.Session.begin() as s:
+        for row in s.scalars(select(CandidateRow)):
+            row.mutations = [n for n in row.mutations if not n.startswith("path:")]
+    with two_tasks.Session() as s:
+        old = training_line(s, live)
+    assert not old["complete"] and old["steps"] < len(lines[1])
+
+
 def test_evolving_one_task_never_changes_another_tasks_outputs_or_blobs(two_tasks):
     Visit(two_tasks, "a", tiny_config(), progress=False).run()
     a_path = two_tasks.task_json("a")["live_path"]["id"]
