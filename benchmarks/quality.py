@@ -180,7 +180,8 @@ def run_baselines(work: Path, parts: Path, label: str, kind: str, tasks: list[st
             epochs = max(budget[t] / (runs * n_train), 1.0 / n_train)
             lrs = [0.01, 0.02, 0.005, 0.05][:runs]
             t0 = time.perf_counter()
-            r = run_baseline(system, t, kind, cfg.replace(max_epochs=epochs, intervals=max(2, int(epochs) + 1)), lrs=lrs)
+            r = run_baseline(system, t, kind, cfg.replace(max_epochs=epochs, intervals=max(2, int(epochs) + 1)), lrs=lrs,
+                             progress=True)
             row = {"method": label, "task": t, "test_acc": r["test_acc"], "val_acc": r["val_acc"],
                    "accounted_params": r["accounted_params"], "private_params": r["trained_params"],
                    "frozen_params": r["frozen_params"], "examples": r["examples"], "seconds": r["seconds"],
@@ -291,6 +292,9 @@ def report(rows: list[dict], tasks: list[str], methods: list[str], name: str, ar
         if len(mine) < len(tasks):
             unfinished.append(f"{method}: {len(mine)}/{len(tasks)} tasks")
             continue
+        sizes = sorted({part_size(r) for r in mine})
+        if not method.startswith("muNet") and len(sizes) > 1:  # a baseline's rerun at a new size under way
+            unfinished.append(f"{method}: tasks at {sizes} px, its average mixes image sizes")
         averages.append({"method": method, "task": "average", **{k: statistics.mean(r[k] for r in mine)
                          for k in ("test_acc", "val_acc", "accounted_params", "params_per_task", "examples", "seconds")}})
     for r in rows:

@@ -298,9 +298,11 @@ def test_a_worker_whose_lease_was_taken_over_cannot_commit(two_tasks):
         assert s.scalar(select(Task.lease_owner).where(Task.name == "a")) == "w2"
 
 
-def test_baselines_train_only_their_plan_and_report_budget(two_tasks):
+def test_baselines_train_only_their_plan_and_report_budget_with_progress(two_tasks, capsys):
     cfg = tiny_config()
-    head = baselines.run_baseline(two_tasks, "a", "head", cfg, commit=False)
+    head = baselines.run_baseline(two_tasks, "a", "head", cfg, commit=False, progress=True)
+    bar = capsys.readouterr().err
+    assert "a head lr 0.02" in bar and f"/{cfg.intervals} " in bar and "val=0." in bar  # a step per validation point
     full = baselines.run_baseline(two_tasks, "b", "full", cfg, lrs=[0.01, 0.02], commit=True)
     assert head["trained_params"] < 20_000 < 3_000_000 < full["trained_params"]
     assert full["examples"] == 2 * head["examples"]  # two runs, same per-run budget
