@@ -29,7 +29,7 @@ from conftest import make_settings
 from munet.storage import commit, gc, lineage
 from munet.storage.blobs import BlobError, LayerStore
 from munet.storage.commit import CommitError, LeaseLost, NewComponent, PathRecord
-from munet.storage.schema import (ROOT_LOCK, Base, Component, LiveHistory, PathComponent, PathRow,
+from munet.storage.schema import (ROOT_LOCK, Base, Candidate, Component, LiveHistory, PathComponent, PathRow,
                                   Root, Task)
 from munet.system import System
 
@@ -420,6 +420,46 @@ def test_lineage_ancestry_origin_and_shared_components(system):
     expected = {rids[n] for n in ("stem", "cls_token", "pos_embed@32", "blocks.0", "final_norm")} | {ids_a["blocks.1"]}
     assert set(shared) == expected
     assert all(names == ["a", "b"] for names in shared.values())
+
+
+def test_training_line_follows_uncommitted_in_visit_parents_by_their_notes(system):
+    # Written by hand so the line surely holds uncommitted steps (a real visit's search
+    # decides by float scores whether it builds on an in-visit parent).
+    root, ra, rb, _ = two_tasks(system)
+    rb2 = commit_path(system, root, "b", 0.9, seed=3, classes=4, parent_id=rb.path_id)
+    with system.Session.begin() as s:
+        a, b = (s.scalar(select(Task.id).where(Task.name == n)) for n in ("a", "b"))
+
+        def row(task, notes, parent, path=None, outcome="improved", examples=100):
+            r = Candidate(task_id=task, parent_path_id=parent, path_id=path, mutations=notes, hparams={},
+                          val_curve=[], examples=examples, seconds=1.0, outcome=outcome)
+            s.add(r)
+            s.flush()
+            return r.id
+
+        a_line = [row(a, ["clone:blocks.1", f"path:{ra.path_id}"], root.root_path_id, ra.path_id)]
+        b_line = [row(b, ["seed", "path:x1"], ra.path_id),
+                  row(b, ["clone:blocks.0", "path:x2", "parent:x1"], ra.path_id),
+                  row(b, ["lr:0.01", f"path:{rb.path_id}", "parent:x2"], ra.path_id, rb.path_id),
+                  row(b, ["aug", f"path:{rb2.path_id}"], rb.path_id, rb2.path_id, examples=50)]
+        row(b, ["clone:head", "path:y", "parent:x1"], ra.path_id, outcome="discarded")
+    with system.Session() as s:
+        line = lineage.training_line(s, rb2.path_id)
+        assert [r.id for r in line["candidates"]] == b_line
+        assert (line["steps"], line["examples"], line["complete"], line["starts_from"]) == (4, 350, True, "seed")
+        assert [r.id for r in lineage.training_line(s, rb.path_id)["candidates"]] == b_line[:3]
+        first = lineage.training_line(s, ra.path_id)
+        assert [r.id for r in first["candidates"]] == a_line and first["starts_from"] == "mutated parent"
+        with pytest.raises(KeyError):
+            lineage.training_line(s, "0" * 32)
+    # Records from before the "path:" note: the committed steps are found, the line stops
+    # at the first in-visit parent and says it is incomplete.
+    with system.Session.begin() as s:
+        for r in s.scalars(select(Candidate)):
+            r.mutations = [n for n in r.mutations if not n.startswith("path:")]
+    with system.Session() as s:
+        old = lineage.training_line(s, rb2.path_id)
+    assert [r.id for r in old["candidates"]] == b_line[2:] and not old["complete"]
 
 
 def test_system_summary_counts_unique_live_parameters(system):
