@@ -72,6 +72,12 @@ class EvolverConfig:
     # refining its best path instead of re-training it from a fresh peak in every child.
     # None: every candidate trains at its path's lr (MUNET.md).
     visit_lr_floor: float | None = None
+    # A task's own layers stay trainable in its later visits: a child clones a component its
+    # task created even when another task's live path now shares it (MUNET.md references
+    # any locked component frozen, so once a later task builds on this task's path, this
+    # task's own trained blocks and adapters freeze for it too). The shared original never
+    # changes, so the other task's outputs cannot. False: MUNET.md.
+    train_own: bool = False
     inherit_momentum: bool = True
     image_sizes: list[int] = field(default_factory=lambda: list(VALUES["image_size"]))
     defaults: dict = field(default_factory=lambda: {

@@ -38,6 +38,7 @@ class Slot:
     locked: bool
     origin: str | None  # nearest committed ancestor component (lineage parent)
     same_task: bool = True
+    own: bool = False  # committed component this visit's task created (cfg.train_own)
 
 
 @dataclass
@@ -127,7 +128,8 @@ class Visit:
         same = path.task_id == self.task_id
         slots = {}
         for _, row in rows:
-            slots[row.name] = Slot(row.id, row.name, row.meta, self._module(row), True, bool(locks.get(row.id)), row.id, same)
+            slots[row.name] = Slot(row.id, row.name, row.meta, self._module(row), True, bool(locks.get(row.id)), row.id, same,
+                                   own=row.task_id == self.task_id)
         hp = copy.deepcopy(path.hparams) if path.task_id else search.initial_hparams(self.cfg, self.root_config, self.num_classes)
         hp.setdefault("mu", search.initial_mu(self.cfg, self.root_config["depth"]))
         for key, default in (("opt", None), ("aug", None)):
@@ -185,7 +187,7 @@ class Visit:
             if source is None:
                 slot, action = self._new_slot(parent, name, meta, hp), "new"
             else:
-                clone = (not source.locked or kind in ("final_norm", "head")
+                clone = (not source.locked or kind in ("final_norm", "head") or (self.cfg.train_own and source.own)
                          or (kind == "blocks" and index in clones)
                          or (kind in ("stem", "neck", "cls_token") and self.rng.random() < search.prob(hp, "clone", self.cfg, 0)))
                 if clone:

@@ -250,6 +250,44 @@ def test_evolving_one_task_never_changes_another_tasks_outputs_or_blobs(two_task
     assert _blobs(two_tasks, a_path) == blobs, "task a's component blobs must stay byte-identical"
 
 
+def test_a_tasks_own_layers_stay_trainable_after_another_task_shares_them_when_configured(two_tasks):
+    from munet.storage.lineage import locks, path_component_ids
+    from munet.storage.schema import Component
+
+    cfg = tiny_config(max_epochs=0.3)
+    a = baselines.run_baseline(two_tasks, "a", "top:2", cfg)  # a's live path: its own top two blocks
+    with two_tasks.Session() as s:
+        a_row = s.get(PathRow, a["path_id"])
+        ids = path_component_ids(s, a_row.id)
+        own = {c.name: c.id for c in s.scalars(select(Component).where(Component.id.in_(ids)))
+               if c.task_id == a_row.task_id and c.name.startswith("blocks.")}
+    assert len(own) == 2
+    # b's live path shares all of a's components, as when b's search builds on a's path.
+    record = PathRecord(task="b", root_id=a_row.root_id, component_ids=ids, hparams=a_row.hparams,
+                        image_size=a_row.image_size, parent_id=a_row.id, val_acc=0.5, score=0.5)
+    commit_path(two_tasks.Session, two_tasks.store, record, [])
+    b_before, b_blobs = _probe(two_tasks, "b"), _blobs(two_tasks, record.id)
+
+    def actions(visit_cfg):
+        visit = Visit(two_tasks, "a", visit_cfg, progress=False)
+        visit._load()  # a's second visit: its own locks released, b's remain
+        live = visit.population[0]
+        _, _, acts = visit.build(live, copy.deepcopy(live.hparams), set(), "probe")
+        return {a.split(":", 1)[1]: a.split(":", 1)[0] for a in acts}
+
+    with two_tasks.Session() as s:
+        assert all(locks(s, list(own.values()))[cid] == {"a", "b"} for cid in own.values())
+    assert cfg.train_own is False
+    assert {actions(cfg)[n] for n in own} == {"ref"}, "MUNET.md: a shared component is referenced frozen"
+    on = cfg.replace(train_own=True)
+    assert {actions(on)[n] for n in own} == {"clone"}, "a's own blocks are cloned and trained again"
+    assert {actions(on)[n] for n in ("blocks.0", "neck")} == {"ref"}, "the root's stay shared"
+
+    Visit(two_tasks, "a", on.replace(candidates=2, seed_visits=0), progress=False).run()
+    assert torch.equal(b_before, _probe(two_tasks, "b")), "b's logits stay bit-identical"
+    assert _blobs(two_tasks, record.id) == b_blobs
+
+
 def test_live_score_only_rises_and_every_move_is_recorded(two_tasks):
     cfg = tiny_config(generations=2, candidates=2)
     for _ in range(3):
