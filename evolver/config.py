@@ -78,6 +78,11 @@ class EvolverConfig:
     # task's own trained blocks and adapters freeze for it too). The shared original never
     # changes, so the other task's outputs cannot. False: MUNET.md.
     train_own: bool = False
+    # The seeding phase also tries the root with every component cloned and trained (one
+    # epoch of full fine-tuning), so a lineage can start from pretrained features that all
+    # train, not only from a frozen backbone that clones unfreeze a few blocks at a time.
+    # False: MUNET.md's seeds (other tasks' live paths and the root, frozen).
+    trained_root_seed: bool = False
     inherit_momentum: bool = True
     image_sizes: list[int] = field(default_factory=lambda: list(VALUES["image_size"]))
     defaults: dict = field(default_factory=lambda: {

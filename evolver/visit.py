@@ -24,6 +24,7 @@ from .train import Candidate, PrefixCache, TaskData, logits, prefix_activations,
 
 log = logging.getLogger("munet.evolver")
 PROBE_SIZE = 8
+TRAIN_ALL = "train:all"  # a seed candidate that clones and trains every component (cfg.trained_root_seed)
 
 
 @dataclass
@@ -110,6 +111,7 @@ class Visit:
         self.seeds = [self._committed_entry(pid) for pid in list(others.values()) + [self.root_path_id]]
         self.seeding = self.cfg.seed_visits is None or visits < self.cfg.seed_visits
         self.pending_seeds = [e for e in self.seeds if e.path_id not in tried] if self.seeding and self.cfg.seed_phase else []
+        self.pending_trained_root = self.cfg.trained_root_seed and any(e.path_id == self.root_path_id for e in self.pending_seeds)
         self.population: list[Entry] = []
         if self.live_id:
             live = self._committed_entry(self.live_id)
@@ -178,7 +180,8 @@ class Visit:
             return slot
         return None
 
-    def build(self, parent: Entry, hp: dict, clones: set[int], path_id: str) -> tuple[Candidate, dict[str, Slot], list[str]]:
+    def build(self, parent: Entry, hp: dict, clones: set[int], path_id: str,
+              train_all: bool = False) -> tuple[Candidate, dict[str, Slot], list[str]]:
         ids, names, mods, trainable, slots, actions = [], [], [], [], {}, []
         momentum = {}
         for name, meta in self.family.layout(self.root_config, hp["arch"]):
@@ -187,7 +190,7 @@ class Visit:
             if source is None:
                 slot, action = self._new_slot(parent, name, meta, hp), "new"
             else:
-                clone = (not source.locked or kind in ("final_norm", "head") or (self.cfg.train_own and source.own)
+                clone = (train_all or not source.locked or kind in ("final_norm", "head") or (self.cfg.train_own and source.own)
                          or (kind == "blocks" and index in clones)
                          or (kind in ("stem", "neck", "cls_token") and self.rng.random() < search.prob(hp, "clone", self.cfg, 0)))
                 if clone:
@@ -265,6 +268,10 @@ class Visit:
         if self.pending_seeds:
             seed = self.pending_seeds.pop(0)
             return seed, copy.deepcopy(seed.hparams), ["seed"], set(), True
+        if self.pending_trained_root:  # cfg.trained_root_seed: the root once more, every component trained
+            self.pending_trained_root = False
+            root = self._committed_entry(self.root_path_id)
+            return root, copy.deepcopy(root.hparams), ["seed", TRAIN_ALL], set(), True
         members = [self._member(e) for e in self.population]
         # A visit past the seeding ones falls back to this task's own paths only: a mutated
         # seed starts a side lineage one epoch from a head probe, which the live lineage's
@@ -297,7 +304,7 @@ class Visit:
             hp = {**hp, "aug": search.drop_colour_jitter(hp["aug"])}
         self._member(parent).children += 1
         path_id = new_id()
-        cand, slots, actions = self.build(parent, hp, clones, path_id)
+        cand, slots, actions = self.build(parent, hp, clones, path_id, train_all=TRAIN_ALL in mutations)
         cand.lr_scale = self.cfg.lr_scale(gen)
         if cand.lr_scale != 1.0:  # the record's hparams keep the path's lr; this says what trained
             actions = actions + [f"lr_scale:{cand.lr_scale:.3g}"]

@@ -159,6 +159,30 @@ def test_a_seeds_children_start_from_this_tasks_optimiser_settings_when_configur
         cfg.replace(seed_opt="other")
 
 
+def test_the_seeding_phase_tries_the_root_with_every_component_trained_when_configured(two_tasks):
+    from munet.evolver.visit import TRAIN_ALL
+
+    def records(task, visit_cfg):
+        Visit(two_tasks, task, visit_cfg, progress=False).run()
+        with two_tasks.Session() as s:
+            return list(s.scalars(select(CandidateRow).join(Task).where(Task.name == task).order_by(CandidateRow.id)))
+
+    cfg = tiny_config(candidates=3, max_epochs=0.3)
+    assert cfg.trained_root_seed is False
+    plain = records("a", cfg)
+    assert not any(TRAIN_ALL in r.mutations for r in plain), "MUNET.md: the root seed is frozen"
+    assert any(m.startswith("ref:blocks.") for m in plain[0].mutations)
+
+    rows = records("b", cfg.replace(trained_root_seed=True))
+    seeds = [r for r in rows if "seed" in r.mutations]
+    assert len(seeds) == 3, "a's live path, the root, and the root trained whole"
+    trained = next(r for r in seeds if TRAIN_ALL in r.mutations)
+    assert trained.parent_path_id == seeds[1].parent_path_id != seeds[0].parent_path_id, "its parent: the root path"
+    acts = [m for m in trained.mutations if ":" in m and m.split(":", 1)[0] in ("ref", "clone", "new")]
+    assert acts and not any(m.startswith("ref:") for m in acts), "every component cloned and trained"
+    assert {"clone:stem", "clone:blocks.0", "clone:neck"} <= set(acts)
+
+
 def test_a_visits_later_generations_train_at_a_decayed_lr_when_configured(two_tasks):
     cfg = tiny_config(generations=4, visit_lr_floor=0.1)
     assert [round(cfg.lr_scale(g), 3) for g in range(4)] == [1.0, 0.775, 0.325, 0.1]
