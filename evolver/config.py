@@ -83,6 +83,15 @@ class EvolverConfig:
     # train, not only from a frozen backbone that clones unfreeze a few blocks at a time.
     # False: MUNET.md's seeds (other tasks' live paths and the root, frozen).
     trained_root_seed: bool = False
+    # One cosine over a training line instead of a fresh peak in every child: a candidate
+    # trains at its path's lr times 0.5 * (1 + cos(pi * e / line_anneal_epochs)), floored at
+    # line_anneal_floor, where e is the epochs its line (this task's chain of trained
+    # parents, storage.lineage.training_line) already holds. Full fine-tuning anneals once
+    # over its whole run; a lineage of one-epoch children re-trains to the same noise floor
+    # in every child. Unlike visit_lr_floor this leaves young lines (a first visit's seeds and
+    # their children) at full lr. None: every candidate trains at its path's lr (MUNET.md).
+    line_anneal_epochs: float | None = None
+    line_anneal_floor: float = 0.1
     inherit_momentum: bool = True
     image_sizes: list[int] = field(default_factory=lambda: list(VALUES["image_size"]))
     defaults: dict = field(default_factory=lambda: {
@@ -104,6 +113,10 @@ class EvolverConfig:
             raise ValueError(f"seed_opt must be 'seed' or 'own', not {self.seed_opt!r}")
         if self.visit_lr_floor is not None and not 0.0 < self.visit_lr_floor <= 1.0:
             raise ValueError(f"visit_lr_floor must be in (0, 1] or None, not {self.visit_lr_floor!r}")
+        if self.line_anneal_epochs is not None and not self.line_anneal_epochs > 0:
+            raise ValueError(f"line_anneal_epochs must be > 0 or None, not {self.line_anneal_epochs!r}")
+        if not 0.0 < self.line_anneal_floor <= 1.0:
+            raise ValueError(f"line_anneal_floor must be in (0, 1], not {self.line_anneal_floor!r}")
 
     def lr_scale(self, generation: int) -> float:
         """The factor on a path's lr for candidates of this generation of a visit."""
@@ -111,6 +124,13 @@ class EvolverConfig:
             return 1.0
         cos = 0.5 * (1 + math.cos(math.pi * min(generation, self.generations - 1) / (self.generations - 1)))
         return self.visit_lr_floor + (1 - self.visit_lr_floor) * cos
+
+    def line_scale(self, line_epochs: float) -> float:
+        """The factor on a path's lr for a child whose line already trained this many epochs."""
+        if self.line_anneal_epochs is None:
+            return 1.0
+        cos = 0.5 * (1 + math.cos(math.pi * min(line_epochs, self.line_anneal_epochs) / self.line_anneal_epochs))
+        return self.line_anneal_floor + (1 - self.line_anneal_floor) * cos
 
     def replace(self, **changes) -> "EvolverConfig":
         return dataclasses.replace(self, **changes)

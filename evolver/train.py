@@ -165,7 +165,7 @@ class Candidate:
     trainable: list[bool]
     hparams: dict
     momentum: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)  # component id -> param -> buffer
-    lr_scale: float = 1.0  # the visit's decay (EvolverConfig.lr_scale) on the path's lr
+    lr_scale: float = 1.0  # EvolverConfig.lr_scale (visit decay) x line_scale (line anneal) on the path's lr
 
     @property
     def first_trainable(self) -> int:

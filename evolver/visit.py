@@ -60,6 +60,7 @@ class Entry:
     train_seconds: float = 0.0
     momentum: dict = field(default_factory=dict)
     candidate_row: int | None = None
+    line_epochs: float = 0.0  # epochs this task's training line holds in these weights (cfg.line_anneal_epochs)
 
 
 class Visit:
@@ -144,9 +145,17 @@ class Visit:
         if not same and self.cfg.seed_opt == "own":
             hp["opt"] = copy.deepcopy(self.own_opt)
         entry = Entry(path_id, hp, slots, True, same, committed_path=path_id, val_acc=path.val_acc or 0.0,
-                      score=path.score if (same and path.score is not None) else float("-inf"))
+                      score=path.score if (same and path.score is not None) else float("-inf"),
+                      line_epochs=self._line_epochs(path_id) if same else 0.0)
         self.entries[path_id] = entry
         return entry
+
+    def _line_epochs(self, path_id: str) -> float:
+        if self.cfg.line_anneal_epochs is None:
+            return 0.0
+        with self.system.Session() as s:
+            examples = lineage.training_line(s, path_id)["examples"]
+        return examples / max(1, len(self.data.y["train"]))
 
     def _module(self, row: Component) -> nn.Module:
         module = self.modules.get(row.id)
@@ -305,7 +314,8 @@ class Visit:
         self._member(parent).children += 1
         path_id = new_id()
         cand, slots, actions = self.build(parent, hp, clones, path_id, train_all=TRAIN_ALL in mutations)
-        cand.lr_scale = self.cfg.lr_scale(gen)
+        line_epochs = parent.line_epochs if parent.same_task else 0.0  # a seed starts a new line
+        cand.lr_scale = self.cfg.lr_scale(gen) * self.cfg.line_scale(line_epochs)
         if cand.lr_scale != 1.0:  # the record's hparams keep the path's lr; this says what trained
             actions = actions + [f"lr_scale:{cand.lr_scale:.3g}"]
         factor, accounted = self.score_factor(slots, hp["arch"]["image_size"])
@@ -322,7 +332,8 @@ class Visit:
         if status == "improved":
             entry = Entry(path_id, hp, slots, False, True, parent=parent, committed_path=parent.committed_path,
                           candidate=cand, val_acc=result.val_acc, score=result.score,
-                          train_examples=result.examples, train_seconds=result.seconds, momentum=result.momentum)
+                          train_examples=result.examples, train_seconds=result.seconds, momentum=result.momentum,
+                          line_epochs=line_epochs + result.examples / max(1, len(self.data.y["train"])))
             self.entries[path_id] = entry
             self.population.append(entry)
         row_id = self._record(gen, parent, path_id, hp, mutations + actions, result, accounted, status)

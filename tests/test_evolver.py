@@ -212,6 +212,39 @@ def test_a_visits_later_generations_train_at_a_decayed_lr_when_configured(two_ta
     assert notes == {0: set(), 1: {"lr_scale:0.1"}}, "the record says what each generation trained at"
 
 
+def test_children_of_a_long_training_line_train_at_an_annealed_lr_when_configured(two_tasks):
+    cfg = tiny_config(generations=2, candidates=2, line_anneal_epochs=3.0)
+    assert [round(cfg.line_scale(e), 3) for e in (0, 1, 3, 7)] == [1.0, 0.775, 0.1, 0.1]
+    assert {cfg.replace(line_anneal_epochs=None).line_scale(e) for e in (0, 5)} == {1.0}, "MUNET.md: the path's lr"
+    for bad in ({"line_anneal_epochs": 0.0}, {"line_anneal_floor": 0.0}, {"line_anneal_floor": 2.0}):
+        with pytest.raises(ValueError, match=next(iter(bad))):
+            cfg.replace(**bad)
+
+    for visit in range(2):
+        with two_tasks.Session.begin() as s:
+            s.execute(update(Task).where(Task.name == "a").values(visits=visit))
+        Visit(two_tasks, "a", cfg, progress=False).run()
+    data, _ = _root_candidate(two_tasks, cfg)
+    n_train = len(data.y["train"])
+    with two_tasks.Session() as s:
+        rows = list(s.scalars(select(CandidateRow).join(Task).where(Task.name == "a").order_by(CandidateRow.id)))
+    by_path = {_own_id(r): r for r in rows} | {r.path_id: r for r in rows if r.path_id}
+
+    def line_epochs(row):  # rebuilt from the records alone: the row's parent's line, in epochs
+        if "seed" in row.mutations:
+            return 0.0
+        prow = by_path.get(_parent_ref(row))  # None: the root's or another task's path
+        return 0.0 if prow is None else line_epochs(prow) + prow.examples / n_train
+
+    scales = []
+    for row in rows:
+        want = cfg.line_scale(line_epochs(row))
+        notes = [m for m in row.mutations if m.startswith("lr_scale:")]
+        assert notes == ([] if want == 1.0 else [f"lr_scale:{want:.3g}"]), (row.mutations, want)
+        scales.append(want)
+    assert min(scales) < 0.8 and scales[0] == 1.0, "a seed starts a line at full lr, its descendants anneal"
+
+
 def _own_id(row):
     return next(n[5:] for n in row.mutations if n.startswith("path:"))
 
