@@ -83,6 +83,13 @@ class EvolverConfig:
     # train, not only from a frozen backbone that clones unfreeze a few blocks at a time.
     # False: MUNET.md's seeds (other tasks' live paths and the root, frozen).
     trained_root_seed: bool = False
+    # Image sizes at which the seeding phase also tries the root (its head trained, as the
+    # plain root seed, which runs at the default size): a lineage inherits its seed's size
+    # and moves it one step at a time, so a task whose best size is two steps from the
+    # default rarely gets there within a visit (fine-tuning on gtsrb: test 0.837 at 64 px,
+    # 0.879 at 96). Sizes the root family cannot take (a ViT's non-multiples of its patch)
+    # are skipped. (): MUNET.md's seeds.
+    root_seed_sizes: tuple[int, ...] = ()
     # One cosine over a training line instead of a fresh peak in every child: a candidate
     # trains at its path's lr times 0.5 * (1 + cos(pi * e / line_anneal_epochs)), floored at
     # line_anneal_floor, where e is the epochs its line (this task's chain of trained

@@ -112,7 +112,12 @@ class Visit:
         self.seeds = [self._committed_entry(pid) for pid in list(others.values()) + [self.root_path_id]]
         self.seeding = self.cfg.seed_visits is None or visits < self.cfg.seed_visits
         self.pending_seeds = [e for e in self.seeds if e.path_id not in tried] if self.seeding and self.cfg.seed_phase else []
-        self.pending_trained_root = self.cfg.trained_root_seed and any(e.path_id == self.root_path_id for e in self.pending_seeds)
+        root_pending = any(e.path_id == self.root_path_id for e in self.pending_seeds)
+        self.pending_trained_root = self.cfg.trained_root_seed and root_pending
+        default_size = self._committed_entry(self.root_path_id).hparams["arch"]["image_size"]
+        sizes = search.allowed_sizes(self.cfg, self.root_config)
+        self.pending_root_sizes = [z for z in dict.fromkeys(self.cfg.root_seed_sizes)
+                                   if root_pending and z in sizes and z != default_size]
         self.population: list[Entry] = []
         if self.live_id:
             live = self._committed_entry(self.live_id)
@@ -281,6 +286,12 @@ class Visit:
             self.pending_trained_root = False
             root = self._committed_entry(self.root_path_id)
             return root, copy.deepcopy(root.hparams), ["seed", TRAIN_ALL], set(), True
+        if self.pending_root_sizes:  # cfg.root_seed_sizes: the root's plain seed at another size
+            root, size = self._committed_entry(self.root_path_id), self.pending_root_sizes.pop(0)
+            hp = copy.deepcopy(root.hparams)
+            log = f"image_size:{hp['arch']['image_size']}->{size}"
+            hp["arch"]["image_size"] = size
+            return root, hp, ["seed", log], set(), True
         members = [self._member(e) for e in self.population]
         # A visit past the seeding ones falls back to this task's own paths only: a mutated
         # seed starts a side lineage one epoch from a head probe, which the live lineage's

@@ -183,6 +183,27 @@ def test_the_seeding_phase_tries_the_root_with_every_component_trained_when_conf
     assert {"clone:stem", "clone:blocks.0", "clone:neck"} <= set(acts)
 
 
+def test_the_seeding_phase_tries_the_root_at_each_extra_size_when_configured(two_tasks):
+    def seed_rows(task, visit_cfg):
+        Visit(two_tasks, task, visit_cfg, progress=False).run()
+        with two_tasks.Session() as s:
+            rows = s.scalars(select(CandidateRow).join(Task).where(Task.name == task).order_by(CandidateRow.id))
+            return [r for r in rows if "seed" in r.mutations]
+
+    cfg = tiny_config(candidates=4, max_epochs=0.3)
+    assert cfg.root_seed_sizes == ()
+    plain = seed_rows("a", cfg)
+    assert [r.hparams["arch"]["image_size"] for r in plain] == [32], "MUNET.md: the root once, at the default size"
+
+    # 48 is allowed; 32 is the default (already tried); 64 is not among tiny_config's sizes.
+    seeds = seed_rows("b", cfg.replace(root_seed_sizes=(48, 32, 64, 48)))
+    root_id = seeds[-1].parent_path_id
+    assert len(seeds) == 3 and seeds[0].parent_path_id != root_id == seeds[1].parent_path_id, "a's live path, the root twice"
+    assert [r.hparams["arch"]["image_size"] for r in seeds[1:]] == [32, 48]
+    assert "image_size:32->48" in seeds[2].mutations and not any(m.startswith("image_size") for m in seeds[1].mutations)
+    assert seeds[2].outcome in ("improved", "discarded") and seeds[2].examples > 0
+
+
 def test_a_visits_later_generations_train_at_a_decayed_lr_when_configured(two_tasks):
     cfg = tiny_config(generations=4, visit_lr_floor=0.1)
     assert [round(cfg.lr_scale(g), 3) for g in range(4)] == [1.0, 0.775, 0.325, 0.1]
