@@ -127,8 +127,11 @@ def test_candidates_of_one_generation_share_input_settings_unless_drawn_per_cand
 
     shared = sizes(cfg, "a")
     assert len(shared) >= 4 and len(set(shared)) == 1, "MUNET.md: one draw per generation"
-    drawn = sizes(cfg.replace(inputs_per="candidate"), "b")
-    assert len(drawn) >= 4 and set(drawn) == {32, 48}, "each candidate mutates its parent's size"
+    # Per candidate, each child lands on 32 or 48 px by its own coin flip (which parent it
+    # gets depends on training outcomes, so the rng's order is not fixed): 10 children (12 less
+    # two seeds) all on one size happen with odds 2 * 2**-10, where 4 children failed a CI run.
+    drawn = sizes(cfg.replace(inputs_per="candidate", candidates=12), "b")
+    assert len(drawn) >= 10 and set(drawn) == {32, 48}, "each candidate mutates its parent's size"
 
 
 def test_a_seeds_children_start_from_this_tasks_optimiser_settings_when_configured(two_tasks):
