@@ -159,7 +159,8 @@ def run_munet(work: Path, parts: Path, base: float, tasks: list[str], cfg, visit
                "accounted_params": live["accounted_params"], "params_per_task": summary["params_per_task"],
                "examples": int(ex.get(t, 0)), "seconds": secs.get(t, 0.0), "candidates": info.get("candidates_tried"),
                "image_size": live.get("image_size"), "visits": [v for v in visit_log if v["task"] == t],
-               "budget_split": split.get(t, {}), "training_line": training_line(system, live["id"])}
+               "budget_split": split.get(t, {}), "training_line": training_line(system, live["id"]),
+               "hparams": live["hparams"]}  # the live path's recipe (lr, size, blocks), kept past --work
         save_part(parts, row)
         out.append(row)
     return out
@@ -298,8 +299,8 @@ def report(rows: list[dict], tasks: list[str], methods: list[str], name: str, ar
         averages.append({"method": method, "task": "average", **{k: statistics.mean(r[k] for r in mine)
                          for k in ("test_acc", "val_acc", "accounted_params", "params_per_task", "examples", "seconds")}})
     for r in rows:
-        if line_examples(r) is not None:
-            r["line_examples"] = line_examples(r)
+        if (n := line_examples(r)) is not None:
+            r["line_examples"] = n
     cols = ["method", "task", "image_size", "test_acc", "val_acc", "params_per_task", "accounted_params", "examples",
             "line_examples", "seconds"]
     print(f"\nQuality, {len(tasks)} tasks, equal per-task budgets (muNet base {max(args.bases)} sets them)\n")

@@ -114,16 +114,19 @@ class Visit:
         self.pending_seeds = [e for e in self.seeds if e.path_id not in tried] if self.seeding and self.cfg.seed_phase else []
         root_pending = any(e.path_id == self.root_path_id for e in self.pending_seeds)
         self.pending_trained_root = self.cfg.trained_root_seed and root_pending
-        default_size = self._committed_entry(self.root_path_id).hparams["arch"]["image_size"]
-        sizes = search.allowed_sizes(self.cfg, self.root_config)
-        self.pending_root_sizes = [z for z in dict.fromkeys(self.cfg.root_seed_sizes)
-                                   if root_pending and z in sizes and z != default_size]
+        self.pending_root_sizes = self._root_sizes() if root_pending and self.cfg.root_seed_sizes else []
         self.population: list[Entry] = []
         if self.live_id:
             live = self._committed_entry(self.live_id)
             live.score = live_score if live_score is not None else float("-inf")
             self.population.append(live)
         self.members: dict[str, search.Member] = {}
+
+    def _root_sizes(self) -> list[int]:
+        """cfg.root_seed_sizes the root family takes, other than the root's own size."""
+        default_size = self._committed_entry(self.root_path_id).hparams["arch"]["image_size"]
+        sizes = search.allowed_sizes(self.cfg, self.root_config)
+        return [z for z in dict.fromkeys(self.cfg.root_seed_sizes) if z in sizes and z != default_size]
 
     def _committed_entry(self, path_id: str) -> Entry:
         if path_id in self.entries:
