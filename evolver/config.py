@@ -83,6 +83,11 @@ class EvolverConfig:
     # train, not only from a frozen backbone that clones unfreeze a few blocks at a time.
     # False: MUNET.md's seeds (other tasks' live paths and the root, frozen).
     trained_root_seed: bool = False
+    # At most this many other tasks' live paths seed a visit, drawn by the visit's rng: with
+    # few candidates per visit and many tasks, MUNET.md's every-task seeding fills a late
+    # task's first visit with seeds (six tasks, eight candidates: seven seeds) and leaves its
+    # own line no room to grow. None: every other task (MUNET.md §5.2).
+    seed_tasks: int | None = None
     # Image sizes at which the seeding phase also tries the root (its head trained, as the
     # plain root seed, which runs at the default size): a lineage inherits its seed's size
     # and moves it one step at a time, so a task whose best size is two steps from the
@@ -118,6 +123,8 @@ class EvolverConfig:
             raise ValueError(f"inputs_per must be 'generation' or 'candidate', not {self.inputs_per!r}")
         if self.seed_opt not in ("seed", "own"):
             raise ValueError(f"seed_opt must be 'seed' or 'own', not {self.seed_opt!r}")
+        if self.seed_tasks is not None and self.seed_tasks < 0:
+            raise ValueError(f"seed_tasks must be >= 0 or None, not {self.seed_tasks!r}")
         if self.visit_lr_floor is not None and not 0.0 < self.visit_lr_floor <= 1.0:
             raise ValueError(f"visit_lr_floor must be in (0, 1] or None, not {self.visit_lr_floor!r}")
         if self.line_anneal_epochs is not None and not self.line_anneal_epochs > 0:

@@ -107,9 +107,14 @@ class Visit:
         self.data = TaskData.from_arrays(self.task_name, arrays, split[0], split[1], self.root_config["mean"], self.root_config["std"])
         self.family = models.family_for(self.root_config["timm"])
         self.own_opt = live_opt or search.initial_hparams(self.cfg, self.root_config, self.num_classes)["opt"]
-        # Seeds: every other task's live path and the root, unmutated (§5.2); a seed this
-        # task already tried unmutated in an earlier visit is not retried.
-        self.seeds = [self._committed_entry(pid) for pid in list(others.values()) + [self.root_path_id]]
+        # Seeds: every other task's live path (or cfg.seed_tasks of them) and the root,
+        # unmutated (§5.2); a seed this task already tried unmutated in an earlier visit is
+        # not retried.
+        picked = list(others)
+        if self.cfg.seed_tasks is not None and len(picked) > self.cfg.seed_tasks:
+            drawn = set(self.rng.sample(sorted(picked), self.cfg.seed_tasks))
+            picked = [n for n in picked if n in drawn]
+        self.seeds = [self._committed_entry(others[n]) for n in picked] + [self._committed_entry(self.root_path_id)]
         self.seeding = self.cfg.seed_visits is None or visits < self.cfg.seed_visits
         self.pending_seeds = [e for e in self.seeds if e.path_id not in tried] if self.seeding and self.cfg.seed_phase else []
         root_pending = any(e.path_id == self.root_path_id for e in self.pending_seeds)

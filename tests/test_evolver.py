@@ -186,6 +186,29 @@ def test_the_seeding_phase_tries_the_root_with_every_component_trained_when_conf
     assert {"clone:stem", "clone:blocks.0", "clone:neck"} <= set(acts)
 
 
+def test_a_visit_seeds_from_at_most_seed_tasks_other_tasks_when_configured(two_tasks, tmp_path):
+    two_tasks.add_task("c", str(digits_npz(tmp_path / "c.npz", offset=5)))
+    cfg = tiny_config(candidates=1, max_epochs=0.3)
+    for name in ("a", "b"):
+        Visit(two_tasks, name, cfg, progress=False).run()
+    lives = {n: two_tasks.task_json(n)["live_path"]["id"] for n in ("a", "b")}
+
+    def seed_ids(visit_cfg):
+        visit = Visit(two_tasks, "c", visit_cfg, progress=False)
+        visit._load()
+        return [e.path_id for e in visit.seeds]
+
+    every = seed_ids(cfg)
+    assert cfg.seed_tasks is None and set(every[:-1]) == set(lives.values()), "MUNET.md: every other task's live path"
+    capped = seed_ids(cfg.replace(seed_tasks=1))
+    assert len(capped) == 2 and capped[0] in lives.values() and capped[-1] == every[-1], "one other task, then the root"
+    assert seed_ids(cfg.replace(seed_tasks=1)) == capped, "the draw is reproducible per visit"
+    assert seed_ids(cfg.replace(seed_tasks=0)) == every[-1:], "the root only"
+    assert seed_ids(cfg.replace(seed_tasks=5)) == every
+    with pytest.raises(ValueError, match="seed_tasks"):
+        cfg.replace(seed_tasks=-1)
+
+
 def test_the_seeding_phase_tries_the_root_at_each_extra_size_when_configured(two_tasks):
     def seed_rows(task, visit_cfg):
         Visit(two_tasks, task, visit_cfg, progress=False).run()
