@@ -104,6 +104,14 @@ class EvolverConfig:
     # their children) at full lr. None: every candidate trains at its path's lr (MUNET.md).
     line_anneal_epochs: float | None = None
     line_anneal_floor: float = 0.1
+    # A candidate whose validation score ties its parent's (at least equal, short of the
+    # min_improvement margin) still counts as better when its validation cross-entropy is
+    # lower. Accuracy on a few hundred images saturates (mnist: 1.0 after three two-epoch
+    # steps) or moves in coarse steps (elpv: 1/197), so a child that truly trained further
+    # cannot show it, every later child is discarded, and the served line stops at a third
+    # of fine-tuning's epochs. The loss keeps measuring after the accuracy stops. False:
+    # MUNET.md (a snapshot survives only on a higher score).
+    val_loss_ties: bool = False
     inherit_momentum: bool = True
     image_sizes: list[int] = field(default_factory=lambda: list(VALUES["image_size"]))
     defaults: dict = field(default_factory=lambda: {

@@ -181,6 +181,7 @@ class TrainResult:
     examples: int
     seconds: float
     momentum: dict[str, dict[str, torch.Tensor]]
+    val_loss: float = math.inf  # mean validation cross-entropy of the kept snapshot (else the last interval)
 
 
 def lr_at(step: int, total: int, steps_per_interval: int, opt: dict) -> float:
@@ -240,29 +241,41 @@ def _forward(modules: list[nn.Module], h: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def accuracy(modules: list[nn.Module], h: torch.Tensor, y: torch.Tensor, batch: int) -> float:
+def evaluate(modules: list[nn.Module], h: torch.Tensor, y: torch.Tensor, batch: int) -> tuple[float, float]:
+    """Accuracy and mean cross-entropy over (h, y)."""
     if len(y) == 0:
-        return 0.0
-    correct = 0
+        return 0.0, math.inf
+    correct, loss = 0, 0.0
     for i in range(0, len(h), batch):
-        correct += int((_forward(modules, h[i:i + batch]).argmax(1).cpu() == y[i:i + batch]).sum())
-    return correct / len(y)
+        out, yb = _forward(modules, h[i:i + batch]).float(), y[i:i + batch].to(h.device)
+        correct += int((out.argmax(1) == yb).sum())
+        loss += float(F.cross_entropy(out, yb, reduction="sum"))
+    return correct / len(y), loss / len(y)
+
+
+def accuracy(modules: list[nn.Module], h: torch.Tensor, y: torch.Tensor, batch: int) -> float:
+    return evaluate(modules, h, y, batch)[0]
 
 
 def train_candidate(cand: Candidate, data: TaskData, cfg: EvolverConfig, cache: PrefixCache | None,
-                    score_factor: float, start_score: float, progress=None) -> TrainResult:
-    """Train in place; on return the modules hold the best snapshot (if any beat start_score)."""
+                    score_factor: float, start_score: float, progress=None, *,
+                    tie: tuple[float, float] | None = None) -> TrainResult:
+    """Train in place; on return the modules hold the best snapshot (if any beat start_score).
+
+    With cfg.val_loss_ties, a snapshot also survives when its score is at least tie[0] and
+    its validation loss below tie[1] (the parent's score and loss), and later snapshots of
+    the same candidate compete on (score, loss) too."""
     t0 = time.perf_counter()
     for m in cand.modules:
         m.to(cfg.device)
     with in_memory_format(cand.modules, memory_format_of(cfg)):
-        result = _train(cand, data, cfg, cache, score_factor, start_score, progress)
+        result = _train(cand, data, cfg, cache, score_factor, start_score, progress, tie if cfg.val_loss_ties else None)
     result.seconds = time.perf_counter() - t0
     return result
 
 
 def _train(cand: Candidate, data: TaskData, cfg: EvolverConfig, cache: PrefixCache | None,
-           score_factor: float, start_score: float, progress) -> TrainResult:
+           score_factor: float, start_score: float, progress, tie: tuple[float, float] | None) -> TrainResult:
     hp, size, device = cand.hparams, cand.hparams["arch"]["image_size"], cfg.device
     k = cand.first_trainable
     prefix_ids, prefix, suffix = cand.ids[:k], cand.modules[:k], cand.modules[k:]
@@ -297,7 +310,7 @@ def _train(cand: Candidate, data: TaskData, cfg: EvolverConfig, cache: PrefixCac
     # Interval j ends after total * (j + 1) // intervals steps, so no interval runs past the cap.
     ends = [total * (j + 1) // intervals for j in range(intervals)]
     gen = torch.Generator().manual_seed(zlib.crc32(f"{cfg.seed}:{cand.ids}".encode()))
-    best, best_acc, best_state, curve, examples, step = start_score, None, None, [], 0, 0
+    best, best_acc, best_loss, best_state, curve, examples, step = start_score, None, math.inf, None, [], 0, 0
     y_train = data.y["train"]
     order = torch.randperm(n, generator=gen)
     cursor = 0
@@ -323,13 +336,15 @@ def _train(cand: Candidate, data: TaskData, cfg: EvolverConfig, cache: PrefixCac
             step += 1
             examples += len(idx)
         set_modes(cand, training=False)
-        acc = accuracy(suffix, h_val, data.y["val"].to(h_val.device), cfg.eval_batch_size)
+        acc, val_loss = evaluate(suffix, h_val, data.y["val"].to(h_val.device), cfg.eval_batch_size)
         sc = acc * score_factor
-        curve.append({"interval": interval + 1, "val_acc": acc, "score": sc, "loss": loss.item()})
+        curve.append({"interval": interval + 1, "val_acc": acc, "score": sc, "loss": loss.item(), "val_loss": val_loss})
         if progress is not None:
             progress(curve[-1])
-        if sc > best:
-            best, best_acc = sc, acc
+        if sc > best or (tie is not None and sc >= tie[0] and val_loss < tie[1]):
+            best, best_acc, best_loss = sc, acc, val_loss
+            if tie is not None:
+                tie = (sc, val_loss)
             best_state = [copy.deepcopy(m.state_dict()) if t else None for m, t in zip(cand.modules, cand.trainable)]
     for p in params.values():
         p.requires_grad_(False)
@@ -339,8 +354,9 @@ def _train(cand: Candidate, data: TaskData, cfg: EvolverConfig, cache: PrefixCac
                 m.load_state_dict(state)
     momentum = _momentum_of(cand, opt) if cfg.inherit_momentum else {}
     improved = best_state is not None
-    return TrainResult(best_acc if improved else curve[-1]["val_acc"], best if improved else curve[-1]["score"],
-                       improved, curve, examples, 0.0, momentum)
+    last = curve[-1]
+    return TrainResult(best_acc if improved else last["val_acc"], best if improved else last["score"],
+                       improved, curve, examples, 0.0, momentum, best_loss if improved else last["val_loss"])
 
 
 def _inherit_momentum(cand: Candidate, opt: torch.optim.Optimizer, cfg: EvolverConfig) -> None:

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import copy
 import logging
+import math
 import random
 import time
 from dataclasses import dataclass, field
 
 import torch
+import torch.nn.functional as F
 from sqlalchemy import select, update
 from torch import nn
 from tqdm import tqdm
@@ -61,6 +63,7 @@ class Entry:
     momentum: dict = field(default_factory=dict)
     candidate_row: int | None = None
     line_epochs: float = 0.0  # epochs this task's training line holds in these weights (cfg.line_anneal_epochs)
+    val_loss: float = math.inf  # validation cross-entropy (cfg.val_loss_ties; committed paths: measured at load)
 
 
 class Visit:
@@ -124,8 +127,23 @@ class Visit:
         if self.live_id:
             live = self._committed_entry(self.live_id)
             live.score = live_score if live_score is not None else float("-inf")
+            if self.cfg.val_loss_ties:
+                live.val_loss = self._val_loss(live)
             self.population.append(live)
         self.members: dict[str, search.Member] = {}
+
+    def _val_loss(self, entry: Entry) -> float:
+        """Validation cross-entropy of a committed path, as its children's snapshots measure theirs."""
+        modules = [entry.slots[name].module for name, _ in self.family.layout(self.root_config, entry.hparams["arch"])]
+        for m in modules:
+            m.to(self.cfg.device)
+        out = logits(modules, self.data.x["val"], entry.hparams["arch"]["image_size"], self.data.mean, self.data.std,
+                     self.cfg.eval_batch_size, self.cfg.device)
+        return float(F.cross_entropy(out, self.data.y["val"])) if len(out) else math.inf
+
+    def _rank(self, entry: Entry) -> tuple[float, float]:
+        """Order of paths for the visit's best: score, then (cfg.val_loss_ties) lower validation loss."""
+        return entry.score, -entry.val_loss if self.cfg.val_loss_ties else 0.0
 
     def _root_sizes(self) -> list[int]:
         """cfg.root_seed_sizes the root family takes, other than the root's own size."""
@@ -263,7 +281,7 @@ class Visit:
         for gen in range(self.cfg.generations):
             if self.should_stop():
                 break
-            best = max(self.population, key=lambda e: e.score, default=None)
+            best = max(self.population, key=self._rank, default=None)
             inputs, input_log = None, []
             if self.cfg.inputs_per == "generation":
                 inputs, input_log = search.mutate_inputs(best.hparams if best else self.seeds[-1].hparams,
@@ -277,7 +295,7 @@ class Visit:
                 ok = self._one_candidate(gen, inputs, input_log)
                 tried += 1
                 improved += int(ok)
-                best = max(self.population, key=lambda e: e.score, default=None)
+                best = max(self.population, key=self._rank, default=None)
                 bar.set_postfix(best=f"{best.score:.4f}" if best else "-")
                 bar.update()
             bar.close()
@@ -339,9 +357,10 @@ class Visit:
             actions = actions + [f"lr_scale:{cand.lr_scale:.3g}"]
         factor, accounted = self.score_factor(slots, hp["arch"]["image_size"])
         start = parent.score + self.cfg.min_improvement if parent.same_task else float("-inf")
+        tie = (parent.score, parent.val_loss) if parent.same_task else (float("-inf"), math.inf)
         status, result = "error", None
         try:
-            result = train_candidate(cand, self.data, self.cfg, self.cache, factor, start)
+            result = train_candidate(cand, self.data, self.cfg, self.cache, factor, start, tie=tie)
             self.examples += result.examples
             status = "improved" if result.improved else "discarded"
         except (RuntimeError, ValueError) as e:  # a broken candidate must not end the visit
@@ -350,7 +369,7 @@ class Visit:
         entry = None
         if status == "improved":
             entry = Entry(path_id, hp, slots, False, True, parent=parent, committed_path=parent.committed_path,
-                          candidate=cand, val_acc=result.val_acc, score=result.score,
+                          candidate=cand, val_acc=result.val_acc, score=result.score, val_loss=result.val_loss,
                           train_examples=result.examples, train_seconds=result.seconds, momentum=result.momentum,
                           line_epochs=line_epochs + result.examples / max(1, len(self.data.y["train"])))
             self.entries[path_id] = entry
@@ -385,7 +404,7 @@ class Visit:
 
     # -- end of visit ---------------------------------------------------------------------
     def _finish(self) -> dict:
-        best = max(self.population, key=lambda e: e.score, default=None)
+        best = max(self.population, key=self._rank, default=None)
         outcome = {"moved": False, "path_id": self.live_id, "score": None, "val_acc": None, "test_acc": None}
         if best is not None and not best.committed:
             res = self._commit(best, reason="evolved", lock=True)

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import copy
 import datetime as dt
+import math
 
 import pytest
 import torch
@@ -403,6 +404,41 @@ def test_live_score_only_rises_and_every_move_is_recorded(two_tasks):
     assert scores == sorted(scores) and len(set(scores)) == len(scores)
     assert history[-1].path_id == task.live_path_id
     assert all(h.previous_path_id == p.path_id for h, p in zip(history[1:], history))
+
+
+def test_a_child_that_only_ties_its_parent_survives_on_a_lower_validation_loss_with_val_loss_ties(two_tasks):
+    data, template = _root_candidate(two_tasks, tiny_config())
+    unbeatable = 2.0  # no accuracy beats its parent by the margin: only the tie rule can keep a snapshot
+    kept = {}
+    for ties, parent_loss in ((False, math.inf), (True, math.inf), (True, 0.0)):
+        cand = copy.deepcopy(template)  # same ids, so the same data order in every arm
+        result = train_candidate(cand, data, tiny_config(val_loss_ties=ties), PrefixCache(1 << 30), 1.0, unbeatable,
+                                 tie=(0.0, parent_loss))
+        kept[(ties, parent_loss)] = result
+    assert not kept[(False, math.inf)].improved, "MUNET.md: a tie is not an improvement"
+    assert not kept[(True, 0.0)].improved, "a cross-entropy is never below 0"
+    tied = kept[(True, math.inf)]
+    assert tied.improved
+    losses = [c["val_loss"] for c in tied.curve]
+    assert all(math.isfinite(v) and v > 0 for v in losses)
+    # The kept snapshot is the best interval by score, then by lower loss.
+    best = max(tied.curve, key=lambda c: (c["score"], -c["val_loss"]))
+    assert (tied.score, tied.val_loss) == (best["score"], best["val_loss"])
+
+
+def test_a_visit_measures_its_live_paths_validation_loss_as_its_snapshot_recorded_it(two_tasks):
+    cfg = tiny_config(val_loss_ties=True)
+    Visit(two_tasks, "a", cfg, progress=False).run()
+    with two_tasks.Session() as s:
+        live_id = s.scalar(select(Task.live_path_id).where(Task.name == "a"))
+        rows = s.scalars(select(CandidateRow).where(CandidateRow.outcome == "improved")).all()
+    row = next(r for r in rows if f"path:{live_id}" in r.mutations)
+    recorded = max(row.val_curve, key=lambda c: (c["score"], -c["val_loss"]))["val_loss"]
+    visit = Visit(two_tasks, "a", cfg, progress=False)
+    visit._load()
+    live = visit.population[0]
+    assert live.path_id == live_id
+    assert live.val_loss == pytest.approx(recorded, rel=1e-3)
 
 
 def test_frozen_batchnorm_statistics_never_change_while_a_candidate_trains(two_tasks):
