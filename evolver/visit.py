@@ -143,7 +143,7 @@ class Visit:
 
     def _rank(self, entry: Entry) -> tuple[float, float]:
         """Order of paths for the visit's best: score, then (cfg.val_loss_ties) lower validation loss."""
-        return entry.score, -entry.val_loss if self.cfg.val_loss_ties else 0.0
+        return entry.score, (-entry.val_loss if self.cfg.val_loss_ties else 0.0)
 
     def _root_sizes(self) -> list[int]:
         """cfg.root_seed_sizes the root family takes, other than the root's own size."""
