@@ -83,6 +83,11 @@ class EvolverConfig:
     # train, not only from a frozen backbone that clones unfreeze a few blocks at a time.
     # False: MUNET.md's seeds (other tasks' live paths and the root, frozen).
     trained_root_seed: bool = False
+    # Image size of that trained root seed (None: the root's, the default size): fine-tuning's
+    # first epoch at fine-tuning's size, while new tasks' first paths and the plain root seed
+    # stay at the cheap default (DESIGN.md's cpu preset: 64 px; fine-tuning's best fixed
+    # size on these data sets is 96, benchmarks/README.md).
+    trained_root_size: int | None = None
     # At most this many other tasks' live paths seed a visit, drawn by the visit's rng: with
     # few candidates per visit and many tasks, MUNET.md's every-task seeding fills a late
     # task's first visit with seeds (six tasks, eight candidates: seven seeds) and leaves its

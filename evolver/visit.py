@@ -311,7 +311,12 @@ class Visit:
         if self.pending_trained_root:  # cfg.trained_root_seed: the root once more, every component trained
             self.pending_trained_root = False
             root = self._committed_entry(self.root_path_id)
-            return root, copy.deepcopy(root.hparams), ["seed", TRAIN_ALL], set(), True
+            hp, log = copy.deepcopy(root.hparams), ["seed", TRAIN_ALL]
+            size = self.cfg.trained_root_size
+            if size is not None and size != hp["arch"]["image_size"] and size in search.allowed_sizes(self.cfg, self.root_config):
+                log.append(f"image_size:{hp['arch']['image_size']}->{size}")
+                hp["arch"]["image_size"] = size
+            return root, hp, log, set(), True
         if self.pending_root_sizes:  # cfg.root_seed_sizes: the root's plain seed at another size
             root, size = self._committed_entry(self.root_path_id), self.pending_root_sizes.pop(0)
             hp = copy.deepcopy(root.hparams)

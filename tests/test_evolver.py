@@ -163,7 +163,7 @@ def test_a_seeds_children_start_from_this_tasks_optimiser_settings_when_configur
         cfg.replace(seed_opt="other")
 
 
-def test_the_seeding_phase_tries_the_root_with_every_component_trained_when_configured(two_tasks):
+def test_the_seeding_phase_tries_the_root_with_every_component_trained_when_configured(two_tasks, tmp_path):
     from munet.evolver.visit import TRAIN_ALL
 
     def records(task, visit_cfg):
@@ -185,6 +185,12 @@ def test_the_seeding_phase_tries_the_root_with_every_component_trained_when_conf
     acts = [m for m in trained.mutations if ":" in m and m.split(":", 1)[0] in ("ref", "clone", "new")]
     assert acts and not any(m.startswith("ref:") for m in acts), "every component cloned and trained"
     assert {"clone:stem", "clone:blocks.0", "clone:neck"} <= set(acts)
+    assert trained.hparams["arch"]["image_size"] == 32 and not any(m.startswith("image_size") for m in trained.mutations)
+
+    two_tasks.add_task("c", str(digits_npz(tmp_path / "c.npz", offset=5)))
+    sized = [r for r in records("c", cfg.replace(trained_root_seed=True, trained_root_size=48, seed_tasks=1)) if TRAIN_ALL in r.mutations]
+    assert len(sized) == 1 and sized[0].hparams["arch"]["image_size"] == 48, "the trained root at its own size"
+    assert "image_size:32->48" in sized[0].mutations and sized[0].examples > 0
 
 
 def test_a_visit_seeds_from_at_most_seed_tasks_other_tasks_when_configured(two_tasks, tmp_path):
