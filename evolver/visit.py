@@ -122,7 +122,7 @@ class Visit:
         self.pending_seeds = [e for e in self.seeds if e.path_id not in tried] if self.seeding and self.cfg.seed_phase else []
         root_pending = any(e.path_id == self.root_path_id for e in self.pending_seeds)
         self.pending_trained_root = self.cfg.trained_root_seed and root_pending
-        self.pending_root_sizes = self._root_sizes() if root_pending and self.cfg.root_seed_sizes else []
+        self.pending_root_sizes = self._root_sizes(self.cfg.root_seed_sizes) if root_pending and self.cfg.root_seed_sizes else []
         self.population: list[Entry] = []
         if self.live_id:
             live = self._committed_entry(self.live_id)
@@ -145,11 +145,20 @@ class Visit:
         """Order of paths for the visit's best: score, then (cfg.val_loss_ties) lower validation loss."""
         return entry.score, (-entry.val_loss if self.cfg.val_loss_ties else 0.0)
 
-    def _root_sizes(self) -> list[int]:
-        """cfg.root_seed_sizes the root family takes, other than the root's own size."""
+    def _root_sizes(self, wanted) -> list[int]:
+        """The sizes of `wanted` the root family takes, other than the root's own size."""
         default_size = self._committed_entry(self.root_path_id).hparams["arch"]["image_size"]
         sizes = search.allowed_sizes(self.cfg, self.root_config)
-        return [z for z in dict.fromkeys(self.cfg.root_seed_sizes) if z in sizes and z != default_size]
+        return [z for z in dict.fromkeys(wanted) if z in sizes and z != default_size]
+
+    def _root_seed(self, size: int | None, *notes: str) -> tuple[Entry, dict, list[str]]:
+        """The root as a seed candidate, at `size` (None: its own) with that change in its log."""
+        root = self._committed_entry(self.root_path_id)
+        hp, log = copy.deepcopy(root.hparams), ["seed", *notes]
+        if size is not None:
+            log.append(f"image_size:{hp['arch']['image_size']}->{size}")
+            hp["arch"]["image_size"] = size
+        return root, hp, log
 
     def _committed_entry(self, path_id: str) -> Entry:
         if path_id in self.entries:
@@ -310,19 +319,11 @@ class Visit:
             return seed, copy.deepcopy(seed.hparams), ["seed"], set(), True
         if self.pending_trained_root:  # cfg.trained_root_seed: the root once more, every component trained
             self.pending_trained_root = False
-            root = self._committed_entry(self.root_path_id)
-            hp, log = copy.deepcopy(root.hparams), ["seed", TRAIN_ALL]
-            size = self.cfg.trained_root_size
-            if size is not None and size != hp["arch"]["image_size"] and size in search.allowed_sizes(self.cfg, self.root_config):
-                log.append(f"image_size:{hp['arch']['image_size']}->{size}")
-                hp["arch"]["image_size"] = size
-            return root, hp, log, set(), True
+            wanted = self.cfg.trained_root_size
+            size = next(iter(self._root_sizes([wanted])), None) if wanted is not None else None
+            return *self._root_seed(size, TRAIN_ALL), set(), True
         if self.pending_root_sizes:  # cfg.root_seed_sizes: the root's plain seed at another size
-            root, size = self._committed_entry(self.root_path_id), self.pending_root_sizes.pop(0)
-            hp = copy.deepcopy(root.hparams)
-            log = f"image_size:{hp['arch']['image_size']}->{size}"
-            hp["arch"]["image_size"] = size
-            return root, hp, ["seed", log], set(), True
+            return *self._root_seed(self.pending_root_sizes.pop(0)), set(), True
         members = [self._member(e) for e in self.population]
         # A visit past the seeding ones falls back to this task's own paths only: a mutated
         # seed starts a side lineage one epoch from a head probe, which the live lineage's
