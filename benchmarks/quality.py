@@ -20,6 +20,7 @@ method's installation lives under --work (visits already made are not repeated).
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import statistics
 import sys
@@ -68,6 +69,28 @@ def load_part(parts: Path, method: str, task: str) -> dict | None:
 def part_size(row: dict) -> int:
     # Baseline parts from before the size was recorded ran at the cpu preset's default, 64 px.
     return int(row.get("image_size") or 64)
+
+
+def config_digest(cfg) -> str:
+    """The evolver settings a part ran with, as a short hash (base excluded: it names the
+    method). Parts are resumable across sessions, so a preset changed between them would
+    otherwise mix silently into one average."""
+    settings = cfg.replace(base=1.0).to_json()
+    for key in ("device", "threads", "max_epochs", "intervals"):  # machine, and a baseline's per-task budget
+        settings.pop(key, None)
+    return hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+
+def mixed_configs(rows: list[dict], methods: list[str]) -> list[str]:
+    """Methods whose parts ran with different evolver settings, and muNet bases that ran with
+    different settings from each other (parts from before the digest was recorded are not
+    compared)."""
+    digests = {m: sorted({r["config"] for r in rows if r["method"] == m and r.get("config")}) for m in methods}
+    out = [f"{m}: its tasks ran with {len(d)} different evolver configs {d}" for m, d in digests.items() if len(d) > 1]
+    munet = {m: d[0] for m, d in digests.items() if m.startswith("muNet") and len(d) == 1}
+    if len(set(munet.values())) > 1:
+        out.append("muNet bases ran with different evolver configs: " + ", ".join(f"{m} {d}" for m, d in munet.items()))
+    return out
 
 
 def save_part(parts: Path, row: dict) -> None:
@@ -160,7 +183,8 @@ def run_munet(work: Path, parts: Path, base: float, tasks: list[str], cfg, visit
                "examples": int(ex.get(t, 0)), "seconds": secs.get(t, 0.0), "candidates": info.get("candidates_tried"),
                "image_size": live.get("image_size"), "visits": [v for v in visit_log if v["task"] == t],
                "budget_split": split.get(t, {}), "training_line": training_line(system, live["id"]),
-               "hparams": live["hparams"]}  # the live path's recipe (lr, size, blocks), kept past --work
+               "hparams": live["hparams"],  # the live path's recipe (lr, size, blocks), kept past --work
+               "config": config_digest(cfg)}
         save_part(parts, row)
         out.append(row)
     return out
@@ -186,7 +210,7 @@ def run_baselines(work: Path, parts: Path, label: str, kind: str, tasks: list[st
             row = {"method": label, "task": t, "test_acc": r["test_acc"], "val_acc": r["val_acc"],
                    "accounted_params": r["accounted_params"], "private_params": r["trained_params"],
                    "frozen_params": r["frozen_params"], "examples": r["examples"], "seconds": r["seconds"],
-                   "runs": r["runs"], "budget": budget[t], "image_size": size}
+                   "runs": r["runs"], "budget": budget[t], "image_size": size, "config": config_digest(cfg)}
             save_part(parts, row)
             print(f"quality: {label} {t}: test {row['test_acc']:.3f} in {time.perf_counter() - t0:.0f} s", flush=True)
         out.append(row)
@@ -298,6 +322,7 @@ def report(rows: list[dict], tasks: list[str], methods: list[str], name: str, ar
             unfinished.append(f"{method}: tasks at {sizes} px, its average mixes image sizes")
         averages.append({"method": method, "task": "average", **{k: statistics.mean(r[k] for r in mine)
                          for k in ("test_acc", "val_acc", "accounted_params", "params_per_task", "examples", "seconds")}})
+    mixed = mixed_configs(rows, methods)
     for r in rows:
         if (n := line_examples(r)) is not None:
             r["line_examples"] = n
@@ -309,12 +334,15 @@ def report(rows: list[dict], tasks: list[str], methods: list[str], name: str, ar
     print(table(averages, cols))
     for line in unfinished + skipped:
         print(f"not finished: {line}")
+    for line in mixed:
+        print(f"mixed settings: {line}")
     png = RESULTS / f"{name}.png"
     if averages:
         png.parent.mkdir(parents=True, exist_ok=True)
         plot([r for r in rows if r["method"] in {a["method"] for a in averages}], png)
     path = write(name, {"args": {k: str(v) for k, v in vars(args).items()}, "tasks": tasks, "rows": rows,
-                        "averages": averages, "unfinished": unfinished + skipped, "wall_seconds_this_run": wall,
+                        "averages": averages, "unfinished": unfinished + skipped, "mixed_configs": mixed,
+                        "wall_seconds_this_run": wall,
                         "plot": png.name if averages else None})
     print(f"\nwrote {path}" + (f" and {png}" if averages else ""))
 

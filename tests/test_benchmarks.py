@@ -32,3 +32,15 @@ def test_quality_quick_runs_every_method_on_two_tasks_and_reports_them(tmp_path)
         if not row["method"].startswith("muNet"):  # every baseline spends muNet base 1.0's budget, to a batch
             assert abs(row["examples"] - budget[row["task"]]) <= 64, row
     assert (tmp_path / "results" / "quality_quick.png").stat().st_size > 0
+    assert report["mixed_configs"] == [] and all(len(row["config"]) == 12 for row in report["rows"])
+
+    # A part left by a run with other settings (a session that changed the preset) is named
+    # in the report instead of averaging silently with the rest.
+    stale = tmp_path / "work" / "parts" / "head-only" / "mnist.json"
+    stale.write_text(json.dumps({**json.loads(stale.read_text()), "config": "0123456789ab"}))
+    rerun = subprocess.run([sys.executable, "benchmarks/quality.py", "--quick", "--work", str(tmp_path / "work"),
+                            "--only", "head only"], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    mixed = json.loads((tmp_path / "results" / "quality_quick.json").read_text())["mixed_configs"]
+    assert len(mixed) == 1 and mixed[0].startswith("head only: its tasks ran with 2 different evolver configs")
+    assert "mixed settings: head only" in rerun.stdout
