@@ -82,14 +82,17 @@ def config_digest(cfg) -> str:
 
 
 def mixed_configs(rows: list[dict], methods: list[str]) -> list[str]:
-    """Methods whose parts ran with different evolver settings, and muNet bases that ran with
+    """Methods whose parts ran with different evolver settings, muNet bases that ran with
     different settings from each other (parts from before the digest was recorded are not
-    compared)."""
+    compared), and baseline parts that spent another budget than muNet's first base now sets."""
     digests = {m: sorted({r["config"] for r in rows if r["method"] == m and r.get("config")}) for m in methods}
     out = [f"{m}: its tasks ran with {len(d)} different evolver configs {d}" for m, d in digests.items() if len(d) > 1]
     munet = {m: d[0] for m, d in digests.items() if m.startswith("muNet") and len(d) == 1}
     if len(set(munet.values())) > 1:
         out.append("muNet bases ran with different evolver configs: " + ", ".join(f"{m} {d}" for m, d in munet.items()))
+    budget = {r["task"]: r["examples"] for r in rows if r["method"] == next((m for m in methods if m.startswith("muNet")), None)}
+    out += [f"{r['method']} {r['task']}: ran on a budget of {r['budget']} examples, muNet now sets {budget[r['task']]}"
+            for r in rows if r.get("budget") is not None and budget.get(r["task"]) not in (None, r["budget"])]
     return out
 
 

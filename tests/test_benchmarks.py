@@ -38,9 +38,12 @@ def test_quality_quick_runs_every_method_on_two_tasks_and_reports_them(tmp_path)
     # in the report instead of averaging silently with the rest.
     stale = tmp_path / "work" / "parts" / "head-only" / "mnist.json"
     stale.write_text(json.dumps({**json.loads(stale.read_text()), "config": "0123456789ab"}))
+    short = tmp_path / "work" / "parts" / "adapters-w32" / "notmnist.json"  # and one from another muNet budget
+    short.write_text(json.dumps({**json.loads(short.read_text()), "budget": 7}))
     rerun = subprocess.run([sys.executable, "benchmarks/quality.py", "--quick", "--work", str(tmp_path / "work"),
                             "--only", "head only"], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert rerun.returncode == 0, rerun.stderr[-3000:]
     mixed = json.loads((tmp_path / "results" / "quality_quick.json").read_text())["mixed_configs"]
-    assert len(mixed) == 1 and mixed[0].startswith("head only: its tasks ran with 2 different evolver configs")
+    assert len(mixed) == 2 and mixed[0].startswith("head only: its tasks ran with 2 different evolver configs")
+    assert mixed[1].startswith("adapters w32 notmnist: ran on a budget of 7 examples, muNet now sets")
     assert "mixed settings: head only" in rerun.stdout
