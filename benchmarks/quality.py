@@ -81,6 +81,11 @@ def config_digest(cfg) -> str:
     return hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 
+def budgets(rows: list[dict], method: str) -> dict[str, int]:
+    """Per-task training examples of muNet's first (largest) base: every baseline's budget."""
+    return {r["task"]: r["examples"] for r in rows if r["method"] == method}
+
+
 def mixed_configs(rows: list[dict], methods: list[str]) -> list[str]:
     """Methods whose parts ran with different evolver settings, muNet bases that ran with
     different settings from each other (parts from before the digest was recorded are not
@@ -90,7 +95,7 @@ def mixed_configs(rows: list[dict], methods: list[str]) -> list[str]:
     munet = {m: d[0] for m, d in digests.items() if m.startswith("muNet") and len(d) == 1}
     if len(set(munet.values())) > 1:
         out.append("muNet bases ran with different evolver configs: " + ", ".join(f"{m} {d}" for m, d in munet.items()))
-    budget = {r["task"]: r["examples"] for r in rows if r["method"] == next((m for m in methods if m.startswith("muNet")), None)}
+    budget = budgets(rows, methods[0])
     out += [f"{r['method']} {r['task']}: ran on a budget of {r['budget']} examples, muNet now sets {budget[r['task']]}"
             for r in rows if r.get("budget") is not None and budget.get(r["task"]) not in (None, r["budget"])]
     return out
@@ -290,7 +295,7 @@ def main() -> None:
             rows += run_munet(work, parts, base, tasks, cfg, args.visits)
         else:
             rows += [r for t in tasks if (r := load_part(parts, method, t))]
-    budget = {r["task"]: r["examples"] for r in rows if r["method"] == f"muNet base {bases[0]}"}
+    budget = budgets(rows, methods[0])
     for label, kind in BASELINES.items():
         done = [r for t in tasks if (r := load_part(parts, label, t))]
         if wanted(label) and len(budget) == len(tasks):
