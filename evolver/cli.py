@@ -71,6 +71,8 @@ def cmd_evolve(ctx: "cli.Context") -> int:
                                  "threads": a.threads}.items() if v is not None}
     if a.device:
         changes["device"] = a.device
+    if a.max_epochs is not None:
+        changes["visit_epochs"] = ()  # asked for one length: every visit trains it
     cfg = cfg.replace(**changes)
     if a.image_size:
         cfg.defaults["image_size"] = a.image_size

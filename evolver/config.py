@@ -117,6 +117,14 @@ class EvolverConfig:
     # of fine-tuning's epochs. The loss keeps measuring after the accuracy stops. False:
     # MUNET.md (a snapshot survives only on a higher score).
     val_loss_ties: bool = False
+    # Epochs per candidate by the task's visit number (visit 1, 2, ...; the last entry holds
+    # for every later visit), in place of max_epochs. A first visit builds a task's training
+    # line from the seeds and is where the runs gain (two-epoch candidates, six tasks: 35 of
+    # 48 first-visit candidates improved, 7 of 48 in second visits); later visits refine a
+    # converged line. So (1.75, 0.25) moves budget into the first visit at the same total as
+    # two visits of one-epoch candidates, with DESIGN.md's 4 x 4 per visit and at most 2 epochs
+    # per candidate. (): max_epochs on every visit.
+    visit_epochs: tuple[float, ...] = ()
     inherit_momentum: bool = True
     image_sizes: list[int] = field(default_factory=lambda: list(VALUES["image_size"]))
     defaults: dict = field(default_factory=lambda: {
@@ -142,6 +150,8 @@ class EvolverConfig:
             raise ValueError(f"visit_lr_floor must be in (0, 1] or None, not {self.visit_lr_floor!r}")
         if self.line_anneal_epochs is not None and not self.line_anneal_epochs > 0:
             raise ValueError(f"line_anneal_epochs must be > 0 or None, not {self.line_anneal_epochs!r}")
+        if any(not e > 0 for e in self.visit_epochs):
+            raise ValueError(f"visit_epochs must all be > 0, not {self.visit_epochs!r}")
         if not 0.0 < self.line_anneal_floor <= 1.0:
             raise ValueError(f"line_anneal_floor must be in (0, 1], not {self.line_anneal_floor!r}")
 
@@ -158,6 +168,12 @@ class EvolverConfig:
             return 1.0
         cos = 0.5 * (1 + math.cos(math.pi * min(line_epochs, self.line_anneal_epochs) / self.line_anneal_epochs))
         return self.line_anneal_floor + (1 - self.line_anneal_floor) * cos
+
+    def for_visit(self, visits_done: int) -> "EvolverConfig":
+        """The settings a task's next visit trains with, after `visits_done` earlier visits."""
+        if not self.visit_epochs:
+            return self
+        return self.replace(max_epochs=self.visit_epochs[min(visits_done, len(self.visit_epochs) - 1)])
 
     def replace(self, **changes) -> "EvolverConfig":
         return dataclasses.replace(self, **changes)

@@ -106,6 +106,7 @@ class Visit:
             live = s.get(PathRow, task.live_path_id) if task.live_path_id else None
             live_score = live.score if live else None
             live_opt = copy.deepcopy(live.hparams.get("opt")) if live else None
+        self.cfg = self.cfg.for_visit(visits)
         arrays = sys_.dataset(task)
         self.data = TaskData.from_arrays(self.task_name, arrays, split[0], split[1], self.root_config["mean"], self.root_config["std"])
         self.family = models.family_for(self.root_config["timm"])

@@ -519,6 +519,24 @@ def test_candidates_train_whole_epochs_validated_at_two_points(two_tasks, epochs
     assert len(row.val_curve) == 2, "validated after each half of the budget"
 
 
+def test_candidates_train_the_epochs_their_visit_number_sets_when_configured(two_tasks):
+    cfg = tiny_config(candidates=2, visit_epochs=(2.0, 0.5))
+    n_train = 270
+    for visit, epochs in [(0, 2.0), (1, 0.5), (4, 0.5)]:  # the last length holds for every later visit
+        with two_tasks.Session.begin() as s:
+            s.execute(update(Task).where(Task.name == "a").values(visits=visit))
+        with two_tasks.Session() as s:
+            seen = {r.id for r in s.scalars(select(CandidateRow))}
+        Visit(two_tasks, "a", cfg, progress=False).run()
+        with two_tasks.Session() as s:
+            rows = [r for r in s.scalars(select(CandidateRow)) if r.id not in seen]
+        # Whole batches of 32: half an epoch of 270 images is 4 batches, 128 images.
+        assert len(rows) == 2 and all(abs(r.examples - epochs * n_train) < 32 for r in rows), (visit, [r.examples for r in rows])
+    assert tiny_config(visit_epochs=()).for_visit(3).max_epochs == 1.0, "off: max_epochs on every visit"
+    with pytest.raises(ValueError):
+        tiny_config(visit_epochs=(1.0, 0.0))
+
+
 def test_channels_last_training_matches_the_default_layout_and_leaves_weights_contiguous(two_tasks):
     system = two_tasks
     data, template = _root_candidate(system, tiny_config())
