@@ -118,12 +118,14 @@ class EvolverConfig:
     # MUNET.md (a snapshot survives only on a higher score).
     val_loss_ties: bool = False
     # Epochs per candidate by the task's visit number (visit 1, 2, ...; the last entry holds
-    # for every later visit), in place of max_epochs. A first visit builds a task's training
-    # line from the seeds and is where the runs gain (two-epoch candidates, six tasks: 35 of
-    # 48 first-visit candidates improved, 7 of 48 in second visits); later visits refine a
-    # converged line. So (1.75, 0.25) moves budget into the first visit at the same total as
-    # two visits of one-epoch candidates, with DESIGN.md's 4 x 4 per visit and at most 2 epochs
-    # per candidate. (): max_epochs on every visit.
+    # for every later visit), in place of max_epochs: a preset can move its budget between
+    # visits and keep DESIGN.md's 4 x 4 per visit and at most 2 epochs per candidate. Measured
+    # at the budget of two one-epoch visits (benchmarks/README.md, "Candidate length by
+    # visit"): (1.75, 0.25) puts the work in first visits, over issue 3's 20 minutes for a
+    # first visit, and later quarter-epoch children never beat their line; (0.25, 1.75) keeps
+    # a first visit to minutes and gives later visits children long enough to improve on a
+    # trained line (cifar + gtsrb 0.861 against 0.832 at one epoch; notmnist + elpv below
+    # fine-tuning). (): max_epochs on every visit.
     visit_epochs: tuple[float, ...] = ()
     inherit_momentum: bool = True
     image_sizes: list[int] = field(default_factory=lambda: list(VALUES["image_size"]))
