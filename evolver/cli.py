@@ -61,10 +61,8 @@ def print_summaries(ctx: "cli.Context", summaries: list[dict]) -> None:
     ctx.console.print(table)
 
 
-def cmd_evolve(ctx: "cli.Context") -> int:
-    a = ctx.args
-    check_args(a)
-    system = ctx.system()
+def config_from_args(a):
+    """The preset with the command line's settings on top."""
     cfg = PRESETS[a.preset]() if a.preset else default_config()
     changes = {k: v for k, v in {"base": a.base, "seed": a.seed, "generations": a.generations,
                                  "candidates": a.candidates, "max_epochs": a.max_epochs,
@@ -76,6 +74,14 @@ def cmd_evolve(ctx: "cli.Context") -> int:
     cfg = cfg.replace(**changes)
     if a.image_size:
         cfg.defaults["image_size"] = a.image_size
+    return cfg
+
+
+def cmd_evolve(ctx: "cli.Context") -> int:
+    a = ctx.args
+    check_args(a)
+    system = ctx.system()
+    cfg = config_from_args(a)
     names = a.task or None
     if names:
         known = {t["name"] for t in system.tasks_json()}

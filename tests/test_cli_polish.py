@@ -111,6 +111,22 @@ def test_evolve_without_tasks_reports_no_visits_as_text_and_json(root_home, monk
     assert rc == 0 and json.loads(out) == []
 
 
+def test_evolve_settings_override_the_preset_and_max_epochs_sets_every_visits_length(monkeypatch):
+    from munet.evolver import cli as evolver_cli
+    from munet.evolver.config import cpu_preset
+
+    # A preset that lengthens later visits: --max-epochs asks for one length, so it must win on every visit.
+    monkeypatch.setitem(evolver_cli.PRESETS, "cpu", lambda: cpu_preset().replace(visit_epochs=(0.25, 1.75)))
+    parse = cli.build_parser().parse_args
+    preset = evolver_cli.config_from_args(parse(["evolve", "--preset", "cpu"]))
+    assert [preset.for_visit(n).max_epochs for n in range(3)] == [0.25, 1.75, 1.75]
+    cfg = evolver_cli.config_from_args(parse(["evolve", "--preset", "cpu", "--max-epochs", "1.5", "--generations", "2",
+                                              "--image-size", "48", "--base", "0.7"]))
+    assert [cfg.for_visit(n).max_epochs for n in range(3)] == [1.5, 1.5, 1.5]
+    assert (cfg.generations, cfg.defaults["image_size"], cfg.base) == (2, 48, 0.7)
+    assert cpu_preset().defaults["image_size"] == 64  # the override changed this run's settings only
+
+
 def test_evolve_summary_table_shows_each_visit_and_failures(capsys):
     from munet.evolver.cli import print_summaries
 
