@@ -117,6 +117,10 @@ class EvolverConfig:
     # of fine-tuning's epochs. The loss keeps measuring after the accuracy stops. False:
     # MUNET.md (a snapshot survives only on a higher score).
     val_loss_ties: bool = False
+    # How far below its parent's score a child may land and still tie (val_loss_ties): elpv's
+    # accuracy moves in steps of 1/197, so a child one image behind with a clearly lower
+    # cross-entropy counts as a tie rather than a loss. 0.0: a tie is at least equal.
+    val_loss_tie_margin: float = 0.0
     # Epochs per candidate by the task's visit number (visit 1, 2, ...; the last entry holds
     # for every later visit), in place of max_epochs: a preset can move its budget between
     # visits and keep DESIGN.md's 4 x 4 per visit and at most 2 epochs per candidate. Measured

@@ -341,7 +341,7 @@ def _train(cand: Candidate, data: TaskData, cfg: EvolverConfig, cache: PrefixCac
         curve.append({"interval": interval + 1, "val_acc": acc, "score": sc, "loss": loss.item(), "val_loss": val_loss})
         if progress is not None:
             progress(curve[-1])
-        if sc > best or (tie is not None and sc >= tie[0] and val_loss < tie[1]):
+        if sc > best or (tie is not None and sc >= tie[0] - cfg.val_loss_tie_margin and val_loss < tie[1]):
             best, best_acc, best_loss = sc, acc, val_loss
             if tie is not None:
                 tie = (sc, val_loss)

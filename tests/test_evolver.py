@@ -432,6 +432,18 @@ def test_a_child_that_only_ties_its_parent_survives_on_a_lower_validation_loss_w
     assert (tied.score, tied.val_loss) == (best["score"], best["val_loss"])
 
 
+def test_a_child_within_the_tie_margin_below_its_parent_survives_on_a_lower_validation_loss(two_tasks):
+    data, template = _root_candidate(two_tasks, tiny_config())
+    unbeatable, parent_score = 2.0, 1.5  # every snapshot scores below its parent: only a margin can tie it
+    kept = {}
+    for margin in (0.0, 2.0):
+        cand = copy.deepcopy(template)
+        cfg = tiny_config(val_loss_ties=True, val_loss_tie_margin=margin)
+        kept[margin] = train_candidate(cand, data, cfg, PrefixCache(1 << 30), 1.0, unbeatable, tie=(parent_score, math.inf))
+    assert not kept[0.0].improved
+    assert kept[2.0].improved and kept[2.0].score < parent_score
+
+
 def test_a_visit_measures_its_live_paths_validation_loss_as_its_snapshot_recorded_it(two_tasks):
     cfg = tiny_config(val_loss_ties=True)
     Visit(two_tasks, "a", cfg, progress=False).run()
