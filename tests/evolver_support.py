@@ -26,8 +26,9 @@ def digits_npz(path: Path, n_train: int = 300, n_test: int = 100, offset: int = 
 
 
 def tiny_config(**changes):
-    """The cpu preset shrunk: 32 px, one epoch, few candidates."""
+    """The cpu preset shrunk: 32 px, one epoch in every visit, few candidates, and no trained
+    root seed (a whole network trained per first visit; its own tests turn it on)."""
     cfg = cpu_preset().replace(generations=1, candidates=2, max_epochs=1.0, batch_size=32, image_sizes=[32, 48],
-                               eval_batch_size=256, seed=0)
+                               eval_batch_size=256, seed=0, visit_epochs=(), trained_root_seed=False)
     cfg.defaults.update({"image_size": 32})
     return cfg.replace(**changes)

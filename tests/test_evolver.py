@@ -171,8 +171,7 @@ def test_the_seeding_phase_tries_the_root_with_every_component_trained_when_conf
         with two_tasks.Session() as s:
             return list(s.scalars(select(CandidateRow).join(Task).where(Task.name == task).order_by(CandidateRow.id)))
 
-    cfg = tiny_config(candidates=3, max_epochs=0.3)
-    assert cfg.trained_root_seed is False
+    cfg = tiny_config(candidates=3, max_epochs=0.3, seed_tasks=None)
     plain = records("a", cfg)
     assert not any(TRAIN_ALL in r.mutations for r in plain), "MUNET.md: the root seed is frozen"
     assert any(m.startswith("ref:blocks.") for m in plain[0].mutations)
@@ -195,7 +194,7 @@ def test_the_seeding_phase_tries_the_root_with_every_component_trained_when_conf
 
 def test_a_visit_seeds_from_at_most_seed_tasks_other_tasks_when_configured(two_tasks, tmp_path):
     two_tasks.add_task("c", str(digits_npz(tmp_path / "c.npz", offset=5)))
-    cfg = tiny_config(candidates=1, max_epochs=0.3)
+    cfg = tiny_config(candidates=1, max_epochs=0.3, seed_tasks=None)
     for name in ("a", "b"):
         Visit(two_tasks, name, cfg, progress=False).run()
     lives = {n: two_tasks.task_json(n)["live_path"]["id"] for n in ("a", "b")}
@@ -206,7 +205,7 @@ def test_a_visit_seeds_from_at_most_seed_tasks_other_tasks_when_configured(two_t
         return [e.path_id for e in visit.seeds]
 
     every = seed_ids(cfg)
-    assert cfg.seed_tasks is None and set(every[:-1]) == set(lives.values()), "MUNET.md: every other task's live path"
+    assert set(every[:-1]) == set(lives.values()), "MUNET.md: every other task's live path"
     capped = seed_ids(cfg.replace(seed_tasks=1))
     assert len(capped) == 2 and capped[0] in lives.values() and capped[-1] == every[-1], "one other task, then the root"
     assert seed_ids(cfg.replace(seed_tasks=1)) == capped, "the draw is reproducible per visit"
@@ -365,7 +364,7 @@ def test_a_tasks_own_layers_stay_trainable_after_another_task_shares_them_when_c
     from munet.storage.lineage import locks, path_component_ids
     from munet.storage.schema import Component
 
-    cfg = tiny_config(max_epochs=0.3)
+    cfg = tiny_config(max_epochs=0.3, train_own=False)
     a = baselines.run_baseline(two_tasks, "a", "top:2", cfg)  # a's live path: its own top two blocks
     with two_tasks.Session() as s:
         a_row = s.get(PathRow, a["path_id"])
@@ -388,7 +387,6 @@ def test_a_tasks_own_layers_stay_trainable_after_another_task_shares_them_when_c
 
     with two_tasks.Session() as s:
         assert all(locks(s, list(own.values()))[cid] == {"a", "b"} for cid in own.values())
-    assert cfg.train_own is False
     assert {actions(cfg)[n] for n in own} == {"ref"}, "MUNET.md: a shared component is referenced frozen"
     on = cfg.replace(train_own=True)
     assert {actions(on)[n] for n in own} == {"clone"}, "a's own blocks are cloned and trained again"
