@@ -207,8 +207,8 @@ def cpu_preset() -> EvolverConfig:
     after each half (visit_epochs): a first visit stays to minutes (issue 3: mnist + notmnist
     under 20; at two epochs per candidate it took 29 min on 2 cores) and a second visit's
     children of a trained line are long enough to improve on it. At the budget of two
-    one-epoch visits, six tasks, benchmarks/README.md ("Candidate length by visit, long
-    second"): 0.889 test against one epoch in every visit's 0.871 and full fine-tuning's 0.896."""
+    one-epoch visits, six tasks in one run (benchmarks/README.md, "Current cpu preset"): 0.886
+    test against one epoch in every visit's 0.871 and full fine-tuning's 0.899."""
     # Small inference batches: on 2 CPU cores 64 images per batch run the frozen prefix
     # ~1.6x faster than 512 (measured 830 vs 520 images/s at 64 px).
     # Mutation odds near the top of MUNET.md's µ range: 32 candidates per task give a lineage
@@ -270,7 +270,8 @@ def cpu_preset() -> EvolverConfig:
     # fill a quarter-epoch first visit); and a child that only ties its parent survives on a
     # lower validation loss (val_loss_ties: mnist's validation saturates at 1.0 in three steps).
     # With one-epoch candidates in every visit this start gained 0.4 points on six tasks; with
-    # the quarter / 1.75 split 1.7.
+    # the quarter / 1.75 split 1.5 (0.871 -> 0.886). The optimiser being fixed, seed_opt no
+    # longer matters here.
     cfg.defaults.update({"image_size": 64, "crop_area_min": 1.0, "hflip": False, "lr": 0.02})
     return cfg
 
