@@ -47,3 +47,35 @@ def test_quality_quick_runs_every_method_on_two_tasks_and_reports_them(tmp_path)
     assert len(mixed) == 2 and mixed[0].startswith("head only: its tasks ran with 2 different evolver configs")
     assert mixed[1].startswith("adapters w32 notmnist: ran on a budget of 7 examples, muNet now sets")
     assert "mixed settings: head only" in rerun.stdout
+
+
+def test_line_length_counts_each_served_line_once_and_relates_its_length_to_accuracy(tmp_path):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("line_length", REPO / "benchmarks" / "line_length.py")
+    line_length = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(line_length)
+
+    def part(folder: str, method: str, line: int | None, test: float, **extra):
+        path = tmp_path / folder / "elpv.json"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps({"method": method, "task": "elpv", "test_acc": test, "val_acc": test + 0.02,
+                                    "examples": 56000, "training_line": {"examples": line, "steps": 3} if line else None,
+                                    **extra}))
+
+    part("quality_parts/munet-base-1.0", "muNet base 1.0", 4000, 0.70)
+    part("quality_experiments/copy-of-current", "muNet base 1.0", 4000, 0.70)  # the same run, moved: counted once
+    part("quality_experiments/a", "muNet base 1.0", 8000, 0.72)
+    part("quality_experiments/b", "muNet base 1.0", 16000, 0.76)
+    part("quality_parts/munet-base-0.3", "muNet base 0.3", 2000, 0.60)  # another base: not compared
+    part("quality_parts/full-fine-tuning", "full fine-tuning", None, 0.77, runs=[{"lr": 0.01}, {"lr": 0.02}])
+
+    found = line_length.parts((tmp_path,))
+    runs = line_length.lines(found)
+    assert sorted(r["line_examples"] for r in runs) == [4000, 8000, 16000]
+    ft = [row for _, row in found if row["method"] == "full fine-tuning"]
+    row = line_length.summary("elpv", runs, ft)
+    assert row["runs"] == 3 and row["line_examples_median"] == 8000
+    assert row["r_line_test"] == pytest.approx(1.0) and row["r_val_test"] == pytest.approx(1.0)
+    assert row["test_longer_half"] == pytest.approx(0.76) and row["test_shorter_half"] == pytest.approx(0.71)
+    assert row["fine_tuning_examples_per_run"] == 28000 and row["fine_tuning_test"] == pytest.approx(0.77)
