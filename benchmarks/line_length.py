@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import RESULTS, table, write  # noqa: E402
+from _common import table, write  # noqa: E402
 
 SOURCES = (Path(__file__).resolve().parent / "results",)
 TASKS = ("cifar", "gtsrb", "natural_images", "mnist", "notmnist", "elpv")
@@ -92,7 +92,7 @@ def main() -> int:
                 ["task", "runs", "line_examples_median", "line_share_of_budget", "r_line_test", "r_line_val", "r_val_test",
                  "test_longer_half", "test_shorter_half", "fine_tuning_examples_per_run", "fine_tuning_test"]))
     path = write("line_length", {"tasks": rows, "runs": runs})
-    print(f"\nwrote {path.relative_to(RESULTS.parent) if path.is_relative_to(RESULTS.parent) else path}")
+    print(f"\nwrote {path}")
     return 0
 
 

@@ -208,7 +208,8 @@ def cpu_preset() -> EvolverConfig:
     under 20; at two epochs per candidate it took 29 min on 2 cores) and a second visit's
     children of a trained line are long enough to improve on it. At the budget of two
     one-epoch visits, six tasks in one run (benchmarks/README.md, "Current cpu preset"): 0.886
-    test against one epoch in every visit's 0.871 and full fine-tuning's 0.899."""
+    test against one epoch in every visit's 0.871 and full fine-tuning's 0.897 at the same
+    budget."""
     # Small inference batches: on 2 CPU cores 64 images per batch run the frozen prefix
     # ~1.6x faster than 512 (measured 830 vs 520 images/s at 64 px).
     # Mutation odds near the top of MUNET.md's µ range: 32 candidates per task give a lineage
