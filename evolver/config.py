@@ -131,6 +131,18 @@ class EvolverConfig:
     # trained line (six tasks, mean of 1-3 runs per task: 0.889 against full fine-tuning's
     # 0.896, elpv 3.2 points of the gap). (): max_epochs on every visit.
     visit_epochs: tuple[float, ...] = ()
+    # The first candidate of each generation (once the seeding phase is done) continues the
+    # task's best path unmutated: same layers, inputs and optimiser, trained for another
+    # candidate's epochs. A mutated child of a trained line must recover from its mutation
+    # (a new adapter, an unfrozen block, a new image size) and still beat its parent's noisy
+    # maximum; on a small task most do not, and the served line stops short (elpv: a median
+    # 7,335 examples behind the served weights, a quarter of one fine-tuning run, and line
+    # length tracks test accuracy, r 0.88; benchmarks/README.md, "Why elpv holds most of the
+    # gap"). Tried on elpv alone with the cpu preset, two seeds (benchmarks/README.md,
+    # "Continuing the best path"): test 0.699 / 0.734 against 0.751 / 0.769 without; most
+    # continuations did not beat their parent either, so on elpv more training of the best
+    # path is not what its validation rewards. False: MUNET.md (every child is a mutation).
+    continue_best: bool = False
     inherit_momentum: bool = True
     image_sizes: list[int] = field(default_factory=lambda: list(VALUES["image_size"]))
     defaults: dict = field(default_factory=lambda: {

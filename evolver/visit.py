@@ -27,6 +27,7 @@ from .train import Candidate, PrefixCache, TaskData, logits, prefix_activations,
 log = logging.getLogger("munet.evolver")
 PROBE_SIZE = 8
 TRAIN_ALL = "train:all"  # a seed candidate that clones and trains every component (cfg.trained_root_seed)
+CONTINUE = "continue"  # a child that trains its parent further, unmutated (cfg.continue_best)
 
 
 @dataclass
@@ -299,10 +300,10 @@ class Visit:
                                                          colour=self.colour)
             bar = tqdm(total=self.cfg.candidates, desc=f"{self.task_name} gen {gen + 1}/{self.cfg.generations}",
                        disable=not self.progress, leave=False, dynamic_ncols=True)
-            for _ in range(self.cfg.candidates):
+            for k in range(self.cfg.candidates):
                 if self.should_stop():
                     break
-                ok = self._one_candidate(gen, inputs, input_log)
+                ok = self._one_candidate(gen, inputs, input_log, first=k == 0)
                 tried += 1
                 improved += int(ok)
                 best = max(self.population, key=self._rank, default=None)
@@ -314,7 +315,7 @@ class Visit:
                        "seconds": time.perf_counter() - t0, "examples": self.examples, "cache_hits": self.cache.hits, "cache_misses": self.cache.misses})
         return result
 
-    def _pick(self) -> tuple[Entry, dict, list[str], set[int], bool]:
+    def _pick(self, first: bool = False) -> tuple[Entry, dict, list[str], set[int], bool]:
         if self.pending_seeds:
             seed = self.pending_seeds.pop(0)
             return seed, copy.deepcopy(seed.hparams), ["seed"], set(), True
@@ -325,6 +326,9 @@ class Visit:
             return *self._root_seed(size, TRAIN_ALL), set(), True
         if self.pending_root_sizes:  # cfg.root_seed_sizes: the root's plain seed at another size
             return *self._root_seed(self.pending_root_sizes.pop(0)), set(), True
+        if self.cfg.continue_best and first and self.population:
+            best = max(self.population, key=self._rank)
+            return best, copy.deepcopy(best.hparams), [CONTINUE], set(), False
         members = [self._member(e) for e in self.population]
         # A visit past the seeding ones falls back to this task's own paths only: a mutated
         # seed starts a side lineage one epoch from a head probe, which the live lineage's
@@ -346,8 +350,10 @@ class Visit:
     def colour(self) -> bool:
         return self.data.x["train"].shape[-1] != 1
 
-    def _one_candidate(self, gen: int, inputs: dict | None, input_log: list[str]) -> bool:
-        parent, hp, mutations, clones, is_seed = self._pick()
+    def _one_candidate(self, gen: int, inputs: dict | None, input_log: list[str], first: bool = False) -> bool:
+        parent, hp, mutations, clones, is_seed = self._pick(first)
+        if CONTINUE in mutations:  # cfg.continue_best: the parent's own inputs, unmutated
+            inputs, input_log = {"image_size": hp["arch"]["image_size"], "aug": hp["aug"]}, []
         if not is_seed and inputs is None:  # cfg.inputs_per == "candidate": from the parent's own
             inputs, input_log = search.mutate_inputs(hp, self.cfg, self.root_config, self.rng, colour=self.colour)
         if not is_seed:

@@ -4,6 +4,7 @@ from __future__ import annotations
 import copy
 import datetime as dt
 import math
+import re
 
 import pytest
 import torch
@@ -395,6 +396,42 @@ def test_a_tasks_own_layers_stay_trainable_after_another_task_shares_them_when_c
     Visit(two_tasks, "a", on.replace(candidates=2, seed_visits=0), progress=False).run()
     assert torch.equal(b_before, _probe(two_tasks, "b")), "b's logits stay bit-identical"
     assert _blobs(two_tasks, record.id) == b_blobs
+
+
+def test_the_first_candidate_of_each_generation_continues_the_best_path_unmutated_when_configured(two_tasks):
+    # mu = 1: every other child is mutated (blocks cloned, adapters, a new size), so an
+    # unmutated row can only be a continuation.
+    cfg = tiny_config(generations=2, candidates=2, mu=1.0, mu_top=1.0, mu_bottom=1.0, evolve_mu=False)
+    for task in ("a", "b"):
+        Visit(two_tasks, task, cfg, progress=False).run()
+    with two_tasks.Session.begin() as s:
+        s.execute(update(Task).values(visits=1))  # second visits: past the seeding phase
+
+    def second_visit(task, visit_cfg):
+        live = two_tasks.task_json(task)["live_path"]["id"]
+        with two_tasks.Session() as s:
+            seen = {r.id for r in s.scalars(select(CandidateRow))}
+            live_hp = s.get(PathRow, live).hparams
+        Visit(two_tasks, task, visit_cfg, progress=False).run()
+        with two_tasks.Session() as s:
+            rows = [r for r in s.scalars(select(CandidateRow).order_by(CandidateRow.id)) if r.id not in seen]
+        return live, live_hp, rows
+
+    live, live_hp, rows = second_visit("a", cfg.replace(continue_best=True))
+    assert ["continue" in r.mutations for r in rows] == [True, False, True, False]
+    trained = {n.split(":", 1)[1]: r.hparams for r in rows for n in r.mutations if n.startswith("path:")}
+    for row in (rows[0], rows[2]):
+        parent_note = [n.split(":", 1)[1] for n in row.mutations if n.startswith("parent:")]
+        parent_hp = trained[parent_note[0]] if parent_note else live_hp
+        assert row.parent_path_id == live and row.hparams == parent_hp, "the best path's settings, unmutated"
+        # Mutation logs name block positions ("clone:3", "adapter:3/w32"); build actions name components.
+        drawn = [m for m in row.mutations if re.match(r"(clone|adapter|remove|readd):\d|image_size:|mu$", m)]
+        assert row.examples > 0 and row.mutations[0] == "continue" and not drawn, drawn
+    assert rows[0].hparams["arch"] == live_hp["arch"], "generation 1 continues the live path"
+    assert rows[1].hparams["arch"] != live_hp["arch"], "its sibling is a mutation"
+
+    _, _, rows = second_visit("b", cfg)
+    assert len(rows) == 4 and not any("continue" in r.mutations for r in rows), "off: MUNET.md's children only"
 
 
 def test_live_score_only_rises_and_every_move_is_recorded(two_tasks):
