@@ -71,6 +71,12 @@ def part_size(row: dict) -> int:
     return int(row.get("image_size") or 64)
 
 
+# Options added to EvolverConfig after parts were committed, with the value that runs the
+# search as it ran before they existed: left out of the digest at that value, so adding an
+# option that is off does not mark every committed part as run with other settings.
+ADDED_OFF = {"continue_best": False}
+
+
 def config_digest(cfg) -> str:
     """The evolver settings a part ran with, as a short hash (base excluded: it names the
     method). Parts are resumable across sessions, so a preset changed between them would
@@ -78,6 +84,9 @@ def config_digest(cfg) -> str:
     settings = cfg.replace(base=1.0).to_json()
     for key in ("device", "threads", "max_epochs", "intervals"):  # machine, and a baseline's per-task budget
         settings.pop(key, None)
+    for key, off in ADDED_OFF.items():
+        if settings.get(key) == off:
+            del settings[key]
     return hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 

@@ -49,6 +49,21 @@ def test_quality_quick_runs_every_method_on_two_tasks_and_reports_them(tmp_path)
     assert "mixed settings: head only" in rerun.stdout
 
 
+def test_an_option_added_off_leaves_the_committed_parts_settings_digest_unchanged():
+    import importlib.util
+
+    from munet.evolver.config import cpu_preset
+
+    spec = importlib.util.spec_from_file_location("quality", REPO / "benchmarks" / "quality.py")
+    quality = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(quality)
+    committed = json.loads((REPO / "benchmarks" / "results" / "quality_parts" / "munet-base-1.0" / "cifar.json").read_text())
+    digest = quality.config_digest(cpu_preset())
+    assert digest == committed["config"], "the committed muNet base 1.0 parts ran with the current cpu preset"
+    for key, off in quality.ADDED_OFF.items():  # switches, so "on" is `not off`
+        assert quality.config_digest(cpu_preset().replace(**{key: not off})) != digest, f"{key} on is another setting"
+
+
 def test_line_length_counts_each_served_line_once_and_relates_its_length_to_accuracy(tmp_path):
     import importlib.util
 
