@@ -14,6 +14,16 @@ REPO = Path(__file__).resolve().parents[1]
 DATA = REPO.parent / "shared" / "data"
 
 
+def _script(name: str):
+    """A benchmark script as a module: they are scripts, not a package."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(name, REPO / "benchmarks" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 @pytest.mark.skipif(not all((DATA / f"{t}.npz").exists() for t in ("mnist", "notmnist")),
                     reason="the shared data sets are not on this machine")
 def test_quality_quick_runs_every_method_on_two_tasks_and_reports_them(tmp_path):
@@ -50,13 +60,9 @@ def test_quality_quick_runs_every_method_on_two_tasks_and_reports_them(tmp_path)
 
 
 def test_an_option_added_off_leaves_the_committed_parts_settings_digest_unchanged():
-    import importlib.util
-
     from munet.evolver.config import cpu_preset
 
-    spec = importlib.util.spec_from_file_location("quality", REPO / "benchmarks" / "quality.py")
-    quality = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(quality)
+    quality = _script("quality")
     committed = json.loads((REPO / "benchmarks" / "results" / "quality_parts" / "munet-base-1.0" / "cifar.json").read_text())
     digest = quality.config_digest(cpu_preset())
     assert digest == committed["config"], "the committed muNet base 1.0 parts ran with the current cpu preset"
@@ -65,11 +71,7 @@ def test_an_option_added_off_leaves_the_committed_parts_settings_digest_unchange
 
 
 def test_line_length_counts_each_served_line_once_and_relates_its_length_to_accuracy(tmp_path):
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("line_length", REPO / "benchmarks" / "line_length.py")
-    line_length = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(line_length)
+    line_length = _script("line_length")
 
     def part(folder: str, method: str, line: int | None, test: float, **extra):
         path = tmp_path / folder / "elpv.json"
