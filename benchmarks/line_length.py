@@ -7,7 +7,9 @@ base 1.0 part with a training line, under `results/quality_parts/` and `results/
 (the experiments ran other settings of the search, so the spread is over methods as well as
 seeds), and the full fine-tuning parts for their examples per run. It prints per task the
 correlation of line length with test and validation accuracy and the test accuracy of the longer
-and shorter half of the lines, and writes `results/line_length.json`.
+and shorter half of the lines, how far validation overstates test (the selection's optimism: a
+muNet run picks its path among dozens of candidates on the same validation images, a fine-tuning
+part among two runs), and writes `results/line_length.json`.
 
     python benchmarks/line_length.py
 """
@@ -72,10 +74,12 @@ def summary(task: str, runs: list[dict], fine_tuning: list[dict]) -> dict:
         row.update({"line_examples_median": int(median), "line_share_of_budget": median / statistics.median(r["examples"] for r in mine),
                     "r_line_test": correlation(ex, test), "r_line_val": correlation(ex, val), "r_val_test": correlation(val, test),
                     "test_longer_half": statistics.mean(longer) if longer else None,
-                    "test_shorter_half": statistics.mean(shorter) if shorter else None})
+                    "test_shorter_half": statistics.mean(shorter) if shorter else None,
+                    "val_over_test": statistics.mean(v - t for v, t in zip(val, test))})
     if ft:
         row.update({"fine_tuning_examples_per_run": int(statistics.mean(r["examples"] / max(1, len(r.get("runs") or [1])) for r in ft)),
-                    "fine_tuning_test": statistics.mean(r["test_acc"] for r in ft)})
+                    "fine_tuning_test": statistics.mean(r["test_acc"] for r in ft),
+                    "fine_tuning_val_over_test": statistics.mean(r["val_acc"] - r["test_acc"] for r in ft)})
     return row
 
 
@@ -90,7 +94,8 @@ def main() -> int:
     print(f"\nServed-line length against accuracy, {len(runs)} muNet base 1.0 task runs\n")
     print(table([{k: (round(v, 3) if isinstance(v, float) else ("" if v is None else v)) for k, v in r.items()} for r in rows],
                 ["task", "runs", "line_examples_median", "line_share_of_budget", "r_line_test", "r_line_val", "r_val_test",
-                 "test_longer_half", "test_shorter_half", "fine_tuning_examples_per_run", "fine_tuning_test"]))
+                 "test_longer_half", "test_shorter_half", "val_over_test", "fine_tuning_examples_per_run", "fine_tuning_test",
+                 "fine_tuning_val_over_test"]))
     path = write("line_length", {"tasks": rows, "runs": runs})
     print(f"\nwrote {path}")
     return 0

@@ -85,7 +85,7 @@ def test_line_length_counts_each_served_line_once_and_relates_its_length_to_accu
     part("quality_experiments/a", "muNet base 1.0", 8000, 0.72)
     part("quality_experiments/b", "muNet base 1.0", 16000, 0.76)
     part("quality_parts/munet-base-0.3", "muNet base 0.3", 2000, 0.60)  # another base: not compared
-    part("quality_parts/full-fine-tuning", "full fine-tuning", None, 0.77, runs=[{"lr": 0.01}, {"lr": 0.02}])
+    part("quality_parts/full-fine-tuning", "full fine-tuning", None, 0.77, runs=[{"lr": 0.01}, {"lr": 0.02}], val_acc=0.775)
 
     found = line_length.parts((tmp_path,))
     runs = line_length.lines(found)
@@ -96,3 +96,4 @@ def test_line_length_counts_each_served_line_once_and_relates_its_length_to_accu
     assert row["r_line_test"] == pytest.approx(1.0) and row["r_val_test"] == pytest.approx(1.0)
     assert row["test_longer_half"] == pytest.approx(0.76) and row["test_shorter_half"] == pytest.approx(0.71)
     assert row["fine_tuning_examples_per_run"] == 28000 and row["fine_tuning_test"] == pytest.approx(0.77)
+    assert row["val_over_test"] == pytest.approx(0.02) and row["fine_tuning_val_over_test"] == pytest.approx(0.005)
