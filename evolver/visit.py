@@ -126,9 +126,17 @@ class Visit:
         self.pending_trained_root = self.cfg.trained_root_seed and root_pending
         self.pending_root_sizes = self._root_sizes(self.cfg.root_seed_sizes) if root_pending and self.cfg.root_seed_sizes else []
         self.population: list[Entry] = []
+        self.live_score: tuple[str, float] | None = None
         if self.live_id:
             live = self._committed_entry(self.live_id)
-            live.score = live_score if live_score is not None else float("-inf")
+            # Its stored score counted its layers' sharers at its commit; other tasks' paths
+            # have moved since, so it is scored as its children are, with today's sharers
+            # (base < 1; at base 1.0 the two agree). A stale score locks a shared path in.
+            if live_score is not None:
+                live.score = live.val_acc * self.score_factor(live.slots, live.hparams["arch"]["image_size"])[0]
+                self.live_score = (live.path_id, live.score)
+            else:
+                live.score = float("-inf")
             if self.cfg.val_loss_ties:
                 live.val_loss = self._val_loss(live)
             self.population.append(live)
@@ -451,7 +459,7 @@ class Visit:
             train_examples=entry.train_examples, train_seconds=entry.train_seconds, probe=probe, id=entry.path_id)
         res = commit_mod.commit_path(self.system.Session, self.system.store, record, new,
                                      lease_token=self.lease_token, reason=reason, lock=lock,
-                                     candidate_id=entry.candidate_row)
+                                     candidate_id=entry.candidate_row, live_score=self.live_score)
         for s in entry.slots.values():  # now committed: later children clone or reference them by id
             s.committed, s.origin = True, s.id
             self.modules[s.id] = s.module

@@ -145,11 +145,15 @@ def add_task(Session: sessionmaker[Session], name: str, root_name: str, dataset:
 
 def commit_path(Session: sessionmaker[Session], store: LayerStore, record: PathRecord,
                 new_components: list[NewComponent], *, lease_token: int | None = None,
-                reason: str = "evolved", lock: bool = True, candidate_id: int | None = None) -> CommitResult:
+                reason: str = "evolved", lock: bool = True, candidate_id: int | None = None,
+                live_score: tuple[str, float] | None = None) -> CommitResult:
     """Commit a path of `record.task`; move the live pointer only to a higher score.
 
     `lease_token` fences out a worker whose lease expired and was claimed by another.
     `lock=False` moves the pointer without locking (a visit still running locks at its end).
+    `live_score`: (path id, score) of the live path as the caller rescored it; it replaces
+    the stored score while that path is still live, because a stored score counted its
+    layers' sharers at its own commit and other tasks have moved since.
     """
     digests = _store_components(store, new_components)
     probe_hash = store.put(record.probe) if record.probe else None
@@ -174,7 +178,8 @@ def commit_path(Session: sessionmaker[Session], store: LayerStore, record: PathR
         fault_point("in_transaction")
         previous = task.live_path_id
         live = s.get(PathRow, previous) if previous else None
-        moved = live is None or (not task.pinned and (record.score or 0.0) > (live.score or 0.0))
+        current = live_score[1] if live is not None and live_score and live_score[0] == live.id else (live.score if live else None)
+        moved = live is None or (not task.pinned and (record.score or 0.0) > (current or 0.0))
         if moved:
             _move_live(s, task, record.id, record.score, reason)
             if lock:

@@ -447,6 +447,27 @@ def test_live_score_only_rises_and_every_move_is_recorded(two_tasks):
     assert all(h.previous_path_id == p.path_id for h, p in zip(history[1:], history))
 
 
+def test_a_visit_scores_its_live_path_with_todays_sharers_not_the_score_stored_at_its_commit(two_tasks):
+    cfg = tiny_config(base=0.3)
+    Visit(two_tasks, "a", cfg, progress=False).run()
+    with two_tasks.Session.begin() as s:  # as if stored when other tasks shared its layers and have moved on since
+        live_id = s.scalar(select(Task.live_path_id).where(Task.name == "a"))
+        stored = s.get(PathRow, live_id)
+        stored.score = stored.score + 0.5
+    visit = Visit(two_tasks, "a", cfg, progress=False)
+    visit._load()
+    live = visit.population[0]
+    factor, _ = visit.score_factor(live.slots, live.hparams["arch"]["image_size"])
+    assert live.path_id == live_id and factor < 1.0
+    assert live.score == pytest.approx(live.val_acc * factor) and visit.live_score == (live_id, live.score)
+    # A child is committed live when it beats that score, though not the stale one stored.
+    visit.run()
+    with two_tasks.Session() as s:
+        now = s.scalar(select(Task.live_path_id).where(Task.name == "a"))
+        history = s.scalars(select(LiveHistory).where(LiveHistory.previous_path_id == live_id)).all()
+    assert all(h.score > live.score for h in history) and (now == live_id) == (not history)
+
+
 def test_a_child_that_only_ties_its_parent_survives_on_a_lower_validation_loss_with_val_loss_ties(two_tasks):
     data, template = _root_candidate(two_tasks, tiny_config())
     unbeatable = 2.0  # no accuracy beats its parent by the margin: only the tie rule can keep a snapshot

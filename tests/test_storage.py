@@ -301,6 +301,21 @@ def test_losing_path_is_never_locked_and_winner_is(system):
     assert all("a" not in locks.get(c, set()) for c in lose_ids)
 
 
+def test_a_rescored_live_score_replaces_the_stored_one_only_while_that_path_is_live(system):
+    root = tiny_root(system)
+    add_task(system, "a")
+    first = commit_path(system, root, "a", 0.8, seed=1)
+    record, new = make_path(system, root, "a", 0.7, seed=2)
+    assert not commit.commit_path(system.Session, system.store, record, new).moved  # 0.7 < stored 0.8
+    record, new = make_path(system, root, "a", 0.7, seed=3)  # the caller rescored the live path at 0.6
+    second = commit.commit_path(system.Session, system.store, record, new, live_score=(first.path_id, 0.6))
+    assert second.moved
+    # A rescore of a path that is no longer live changes nothing: the new live's stored 0.7 holds.
+    record, new = make_path(system, root, "a", 0.65, seed=4)
+    assert not commit.commit_path(system.Session, system.store, record, new, live_score=(first.path_id, 0.1)).moved
+    assert live_path_id(system, "a") == second.path_id
+
+
 def test_stale_lease_token_raises_lease_lost_and_writes_nothing(system):
     root = tiny_root(system)
     add_task(system, "a")
