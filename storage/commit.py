@@ -178,7 +178,9 @@ def commit_path(Session: sessionmaker[Session], store: LayerStore, record: PathR
         fault_point("in_transaction")
         previous = task.live_path_id
         live = s.get(PathRow, previous) if previous else None
-        current = live_score[1] if live is not None and live_score and live_score[0] == live.id else (live.score if live else None)
+        current = live.score if live else None
+        if live is not None and live_score and live_score[0] == live.id:
+            current = live_score[1]
         moved = live is None or (not task.pinned and (record.score or 0.0) > (current or 0.0))
         if moved:
             _move_live(s, task, record.id, record.score, reason)

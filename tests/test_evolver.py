@@ -460,7 +460,7 @@ def test_a_visit_scores_its_live_path_with_todays_sharers_not_the_score_stored_a
     factor, _ = visit.score_factor(live.slots, live.hparams["arch"]["image_size"])
     assert live.path_id == live_id and factor < 1.0
     assert live.score == pytest.approx(live.val_acc * factor) and visit.live_score == (live_id, live.score)
-    # A child is committed live when it beats that score, though not the stale one stored.
+    # What the visit moves live beats the rescored score (test_storage pins the comparison itself).
     visit.run()
     with two_tasks.Session() as s:
         now = s.scalar(select(Task.live_path_id).where(Task.name == "a"))
