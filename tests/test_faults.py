@@ -47,7 +47,8 @@ def _weaken_live(system: System, task: str, free_lease: bool = True) -> str:
     otherwise, that the task is free at once (as if the killed worker's lease ran out)."""
     with system.Session.begin() as s:
         t = s.scalar(select(Task).where(Task.name == task))
-        s.execute(update(PathRow).where(PathRow.id == t.live_path_id).values(score=0.001))
+        # A visit rescores its live path from its validation accuracy, so both are weakened.
+        s.execute(update(PathRow).where(PathRow.id == t.live_path_id).values(score=0.001, val_acc=0.001))
         if free_lease:
             t.lease_until = utcnow() - dt.timedelta(seconds=1)
         return t.live_path_id
