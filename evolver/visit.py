@@ -105,7 +105,7 @@ class Visit:
             split = (task.val_fraction, task.split_seed)
             visits = task.visits
             live = s.get(PathRow, task.live_path_id) if task.live_path_id else None
-            live_score = live.score if live else None
+            stored_score = live.score if live else None
             live_opt = copy.deepcopy(live.hparams.get("opt")) if live else None
         self.cfg = self.cfg.for_visit(visits)
         arrays = sys_.dataset(task)
@@ -132,7 +132,7 @@ class Visit:
             # Its stored score counted its layers' sharers at its commit; other tasks' paths
             # have moved since, so it is scored as its children are, with today's sharers
             # (base < 1; at base 1.0 the two agree). A stale score locks a shared path in.
-            if live_score is not None:
+            if stored_score is not None:
                 live.score = live.val_acc * self.score_factor(live.slots, live.hparams["arch"]["image_size"])[0]
                 self.live_score = (live.path_id, live.score)
             else:
