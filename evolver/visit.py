@@ -243,13 +243,18 @@ class Visit:
               train_all: bool = False) -> tuple[Candidate, dict[str, Slot], list[str]]:
         ids, names, mods, trainable, slots, actions = [], [], [], [], {}, []
         momentum = {}
+        # Under size pressure a clone of a layer other tasks share pays its whole size, while
+        # the live path it would replace pays a share: every such child loses to the live path
+        # it continues, so the task's own shared layers stay frozen (MUNET.md) unless a
+        # clone mutation picks them.
+        own_trainable = self.cfg.train_own and self.cfg.base == 1.0
         for name, meta in self.family.layout(self.root_config, hp["arch"]):
             kind, index, _ = models.parse_name(name)
             source = self._find(parent, name, meta, same_task_only=(kind == "head"))
             if source is None:
                 slot, action = self._new_slot(parent, name, meta, hp), "new"
             else:
-                clone = (train_all or not source.locked or kind in ("final_norm", "head") or (self.cfg.train_own and source.own)
+                clone = (train_all or not source.locked or kind in ("final_norm", "head") or (own_trainable and source.own)
                          or (kind == "blocks" and index in clones)
                          or (kind in ("stem", "neck", "cls_token") and self.rng.random() < search.prob(hp, "clone", self.cfg, 0)))
                 if clone:
