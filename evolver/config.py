@@ -77,8 +77,8 @@ class EvolverConfig:
     # any locked component frozen, so once a later task builds on this task's path, this
     # task's own trained blocks and adapters freeze for it too). The shared original never
     # changes, so the other task's outputs cannot. Only at base 1.0: under size pressure the
-    # clone pays the layer's whole size where the live path pays a share, so no child beats
-    # the live path it continues (benchmarks/README.md, base 0.7). False: MUNET.md.
+    # clone pays the layer's whole size where the live path pays a share, so children seldom
+    # beat the live path they continue (benchmarks/README.md, base 0.7). False: MUNET.md.
     train_own: bool = False
     # The seeding phase also tries the root with every component cloned and trained (one
     # epoch of full fine-tuning), so a lineage can start from pretrained features that all

@@ -392,7 +392,7 @@ def test_a_tasks_own_layers_stay_trainable_after_another_task_shares_them_when_c
     on = cfg.replace(train_own=True)
     assert {actions(on)[n] for n in own} == {"clone"}, "a's own blocks are cloned and trained again"
     assert {actions(on)[n] for n in ("blocks.0", "neck")} == {"ref"}, "the root's stay shared"
-    # Under size pressure a clone of a shared layer could never beat the live path that shares it.
+    # Under size pressure a clone of a shared layer pays its whole size against the live path's share.
     assert {actions(on.replace(base=0.7))[n] for n in own} == {"ref"}, "size pressure: MUNET.md's frozen share"
 
     Visit(two_tasks, "a", on.replace(candidates=2, seed_visits=0), progress=False).run()
