@@ -74,7 +74,7 @@ def part_size(row: dict) -> int:
 # Options added to EvolverConfig after parts were committed, with the value that runs the
 # search as it ran before they existed: left out of the digest at that value, so adding an
 # option that is off does not mark every committed part as run with other settings.
-ADDED_OFF = {"continue_best": False}
+ADDED_OFF = {"continue_best": False, "final_holdout": 0.0, "final_top": 3}
 
 
 def config_digest(cfg) -> str:
@@ -184,9 +184,12 @@ def run_munet(work: Path, parts: Path, base: float, tasks: list[str], cfg, visit
         for t in tasks:
             if system.task_json(t)["visits"] < round_:
                 t0 = time.perf_counter()
-                run_worker(system, cfg, names=[t], targets={t: round_}, progress=True)
+                summaries = run_worker(system, cfg, names=[t], targets={t: round_}, progress=True)
                 visit_log.append({"task": t, "visit": round_, "seconds": time.perf_counter() - t0,
                                   "val_acc": system.task_json(t)["live_path"]["val_acc"]})
+                finalists = [f for v in summaries for f in v.get("finalists") or []]
+                if finalists:  # cfg.final_holdout: how the visit's finalists scored on the held-back images
+                    visit_log[-1]["finalists"] = finalists
                 print(f"quality: {method} {t} visit {round_}: {visit_log[-1]['seconds']:.0f} s, "
                       f"val {visit_log[-1]['val_acc']:.3f}", flush=True)
     ex, secs, split = per_task(system, Candidate.examples), per_task(system, Candidate.seconds), budget_split(system)

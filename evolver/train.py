@@ -53,12 +53,19 @@ class TaskData:
     std: tuple
 
     @classmethod
-    def from_arrays(cls, name: str, arrays: dict, val_fraction: float, seed: int, mean, std) -> "TaskData":
+    def from_arrays(cls, name: str, arrays: dict, val_fraction: float, seed: int, mean, std,
+                    holdout: float = 0.0) -> "TaskData":
+        """Train/val/test splits; `holdout` > 0 moves that share of val, stratified, to a
+        `holdout` split (EvolverConfig.final_holdout)."""
         y_train = np.asarray(arrays["y_train"]).astype(np.int64)
         tr, va = split_indices(y_train, val_fraction, seed)
         x_train = _nhwc(arrays["x_train"])
         x = {"train": x_train[tr], "val": x_train[va], "test": _nhwc(arrays["x_test"])}
         y = {"train": y_train[tr], "val": y_train[va], "test": np.asarray(arrays["y_test"]).astype(np.int64)}
+        if holdout > 0:
+            kept, held = split_indices(y["val"], holdout, seed)
+            x["val"], x["holdout"] = x["val"][kept], x["val"][held]
+            y["val"], y["holdout"] = y["val"][kept], y["val"][held]
         return cls(name, [str(c) for c in arrays["classes"]], {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in x.items()},
                    {k: torch.from_numpy(v) for k, v in y.items()}, tuple(mean), tuple(std))
 

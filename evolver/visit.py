@@ -109,7 +109,8 @@ class Visit:
             live_opt = copy.deepcopy(live.hparams.get("opt")) if live else None
         self.cfg = self.cfg.for_visit(visits)
         arrays = sys_.dataset(task)
-        self.data = TaskData.from_arrays(self.task_name, arrays, split[0], split[1], self.root_config["mean"], self.root_config["std"])
+        self.data = TaskData.from_arrays(self.task_name, arrays, split[0], split[1], self.root_config["mean"], self.root_config["std"],
+                                         holdout=self.cfg.final_holdout)
         self.family = models.family_for(self.root_config["timm"])
         self.own_opt = live_opt or search.initial_hparams(self.cfg, self.root_config, self.num_classes)["opt"]
         # Seeds: every other task's live path (or cfg.seed_tasks of them) and the root,
@@ -127,6 +128,7 @@ class Visit:
         self.pending_root_sizes = self._root_sizes(self.cfg.root_seed_sizes) if root_pending and self.cfg.root_seed_sizes else []
         self.population: list[Entry] = []
         self.live_score: tuple[str, float] | None = None
+        self.live_entry: Entry | None = None  # the path commit_path compares a new one with
         if self.live_id:
             live = self._committed_entry(self.live_id)
             # Its stored score counted its layers' sharers at its commit; other tasks' paths
@@ -140,6 +142,7 @@ class Visit:
             if self.cfg.val_loss_ties:
                 live.val_loss = self._val_loss(live)
             self.population.append(live)
+            self.live_entry = live
         self.members: dict[str, search.Member] = {}
 
     def _val_loss(self, entry: Entry) -> float:
@@ -406,7 +409,7 @@ class Visit:
         if entry is not None and not self.live_id and not self.committed_live:
             # A new task becomes servable with its first good candidate (DESIGN.md).
             self._commit(entry, reason="first", lock=False)
-            self.committed_live = True
+            self.committed_live, self.live_entry = True, entry
         if self.on_candidate:
             self.on_candidate(self.task_name, status)
         return status == "improved"
@@ -430,8 +433,9 @@ class Visit:
 
     # -- end of visit ---------------------------------------------------------------------
     def _finish(self) -> dict:
-        best = max(self.population, key=self._rank, default=None)
-        outcome = {"moved": False, "path_id": self.live_id, "score": None, "val_acc": None, "test_acc": None}
+        best, finalists = self._final_choice()
+        outcome = {"moved": False, "path_id": self.live_id, "score": None, "val_acc": None, "test_acc": None,
+                   "finalists": finalists}
         if best is not None and not best.committed:
             res = self._commit(best, reason="evolved", lock=True)
             outcome.update({"moved": res.moved, "path_id": res.path_id if res.moved else self.live_id})
@@ -444,6 +448,37 @@ class Visit:
             outcome.update({"path_id": live.id, "score": live.score, "val_acc": live.val_acc, "test_acc": live.test_acc,
                             "accounted_params": live.accounted_params, "image_size": live.image_size})
         return outcome
+
+    def _final_choice(self) -> tuple[Entry | None, list[dict]]:
+        """The path the visit ends with, and (cfg.final_holdout) how its finalists scored.
+
+        Without held-back images: the best by rank. With them: the best `final_top` paths that
+        would displace the live path, and the live path, each scored on the whole validation
+        split (its scored share's accuracy and the held-back share's), best of those first."""
+        ranked = sorted(self.population, key=self._rank, reverse=True)
+        n_held, n_val = len(self.data.y.get("holdout", ())), len(self.data.y["val"])
+        if not ranked or not n_held:
+            return (ranked[0] if ranked else None), []
+        live = self.live_entry
+        finalists = [e for e in ranked if live is None or e.score > live.score][:self.cfg.final_top]
+        finalists += [live] if live is not None else []
+        rows = []
+        for entry in finalists:
+            modules = [entry.slots[name].module for name, _ in self.family.layout(self.root_config, entry.hparams["arch"])]
+            out = logits(modules, self.data.x["holdout"], entry.hparams["arch"]["image_size"], self.data.mean,
+                         self.data.std, self.cfg.eval_batch_size, self.cfg.device)
+            held_acc = float((out.argmax(1) == self.data.y["holdout"]).float().mean())
+            whole = (entry.val_acc * n_val + held_acc * n_held) / (n_val + n_held)
+            factor, _ = self.score_factor(entry.slots, entry.hparams["arch"]["image_size"])
+            rows.append({"path_id": entry.path_id, "val_acc": entry.val_acc, "holdout_acc": held_acc,
+                         "final_score": whole * factor, "search_score": entry.score, "live": entry is live})
+        # Ties keep the search's order (finalists are in rank order, the live path last).
+        pick = max(range(len(rows)), key=lambda i: (rows[i]["final_score"], -i))
+        rows[pick]["chosen"] = True
+        log.info("%s finalists (val, held-back, final score): %s", self.task_name,
+                 ", ".join(f"{r['val_acc']:.3f}/{r['holdout_acc']:.3f}/{r['final_score']:.3f}{' live' if r['live'] else ''}"
+                           f"{' *' if r.get('chosen') else ''}" for r in rows))
+        return finalists[pick], rows
 
     def _commit(self, entry: Entry, reason: str, lock: bool):
         cand = entry.candidate

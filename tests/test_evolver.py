@@ -436,6 +436,54 @@ def test_the_first_candidate_of_each_generation_continues_the_best_path_unmutate
     assert len(rows) == 4 and not any("continue" in r.mutations for r in rows), "off: MUNET.md's children only"
 
 
+def test_a_leader_that_fails_the_held_back_images_loses_the_final_choice_to_one_that_holds_up(two_tasks):
+    from munet.evolver.visit import Entry, Slot
+    from munet.storage.schema import new_id
+
+    cfg = tiny_config(final_holdout=0.5)
+    Visit(two_tasks, "a", cfg, progress=False).run()
+    visit = Visit(two_tasks, "a", cfg, progress=False)
+    visit._load()
+    with two_tasks.Session() as s:
+        task = s.scalar(select(Task).where(Task.name == "a"))
+    whole = TaskData.from_arrays("a", two_tasks.dataset(task), task.val_fraction, task.split_seed, visit.data.mean, visit.data.std)
+    images = lambda x: sorted(bytes(i.numpy()) for i in x)  # noqa: E731
+    assert len(visit.data.y["holdout"]) > 0 and len(visit.data.y["val"]) > 0
+    assert images(torch.cat([visit.data.x["val"], visit.data.x["holdout"]])) == images(whole.x["val"]), "val, split in two"
+    assert torch.equal(visit.data.x["train"], whole.x["train"]), "training images untouched"
+
+    live = visit.live_entry
+    size = live.hparams["arch"]["image_size"]
+
+    def challenger(val_acc: float, broken_head: bool) -> Entry:
+        slots = dict(live.slots)
+        if broken_head:  # all-zero logits: always class 0, whatever it scored on the searched images
+            head = copy.deepcopy(live.slots["head"].module)
+            for p in head.parameters():
+                p.data.zero_()
+            slots["head"] = Slot(new_id(), "head", dict(live.slots["head"].meta), head, False, False, live.slots["head"].id)
+        entry = Entry(new_id(), live.hparams, slots, False, True, parent=live, committed_path=live.path_id, val_acc=val_acc)
+        entry.score = val_acc * visit.score_factor(slots, size)[0]
+        return entry
+
+    steady, lucky = challenger(live.val_acc + 0.01, False), challenger(live.val_acc + 0.02, True)
+    visit.population = [live, steady, lucky]
+    assert max(visit.population, key=visit._rank) is lucky, "the search alone would commit the lucky leader"
+    chosen, rows = visit._final_choice()
+    held = {r["path_id"]: r["holdout_acc"] for r in rows}
+    assert held[live.path_id] >= 0.3 and held[lucky.path_id] < held[live.path_id], "precondition: the live path learnt"
+    assert chosen is steady and [r["path_id"] for r in rows] == [lucky.path_id, steady.path_id, live.path_id]
+    assert [r.get("chosen", False) for r in rows] == [False, True, False]
+
+    visit.cfg = cfg.replace(final_top=1)  # the lucky leader is the only challenger: the live path stays
+    chosen, rows = visit._final_choice()
+    assert chosen is live and len(rows) == 2
+
+    visit.cfg = cfg.replace(final_holdout=0.0)
+    visit.data.y.pop("holdout")
+    assert visit._final_choice() == (lucky, []), "off: the best by rank, as MUNET.md"
+
+
 def test_live_score_only_rises_and_every_move_is_recorded(two_tasks):
     cfg = tiny_config(generations=2, candidates=2)
     for _ in range(3):
