@@ -34,7 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import RESULTS, SHARED_DATA, table, write  # noqa: E402
 
 from munet.evolver.baselines import run_baseline  # noqa: E402
-from munet.evolver.config import cpu_preset  # noqa: E402
+from munet.evolver.config import EvolverConfig, cpu_preset  # noqa: E402
 from munet.evolver.worker import run_worker  # noqa: E402
 from munet.settings import Settings  # noqa: E402
 from munet.storage import lineage  # noqa: E402
@@ -75,6 +75,23 @@ def part_size(row: dict) -> int:
 # search as it ran before they existed: left out of the digest at that value, so adding an
 # option that is off does not mark every committed part as run with other settings.
 ADDED_OFF = {"continue_best": False, "final_holdout": 0.0, "final_top": 3}
+
+
+def preset_with(settings: list[str]):
+    """The cpu preset with KEY=VALUE overrides (VALUE parsed as JSON, else kept as a string)."""
+    changes = {}
+    for item in settings:
+        key, sep, raw = item.partition("=")
+        if not sep or key not in EvolverConfig.__dataclass_fields__:
+            sys.exit(f"quality: --set wants KEY=VALUE with KEY an EvolverConfig field, not {item!r}")
+        try:
+            changes[key] = json.loads(raw)
+        except json.JSONDecodeError:
+            changes[key] = raw
+    try:
+        return cpu_preset().replace(**changes)
+    except (TypeError, ValueError) as e:
+        sys.exit(f"quality: --set {' '.join(settings)}: {e}")
 
 
 def config_digest(cfg) -> str:
@@ -276,6 +293,9 @@ def main() -> None:
     ap.add_argument("--baseline-size", type=int, default=None,
                     help=f"image size of every baseline run (default {BASELINE_SIZE}; --quick: the preset's default)")
     ap.add_argument("--parts", type=Path, help=f"finished (method, task) results (default {PARTS.relative_to(RESULTS.parent.parent)})")
+    ap.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE",
+                    help="evolver settings over the cpu preset, VALUE as JSON (e.g. final_holdout=0.5 seed=1): "
+                         "an experiment's parts record them in their settings digest")
     args = ap.parse_args()
     torch.set_num_threads(2)
     tasks = args.tasks or (["mnist", "notmnist"] if args.quick else TASKS)
@@ -285,7 +305,7 @@ def main() -> None:
     name = "quality_quick" if args.quick else "quality"
     work = args.work or RESULTS / f"{name}-work"
     parts = args.parts or (work / "parts" if args.quick else PARTS)
-    cfg = cpu_preset()
+    cfg = preset_with(args.set)
     if args.quick:
         cfg = cfg.replace(generations=1, candidates=2, max_epochs=0.2, image_sizes=[32, 48])
         cfg.defaults["image_size"] = 32

@@ -72,6 +72,17 @@ def test_an_option_added_off_leaves_the_committed_parts_settings_digest_unchange
         assert quality.config_digest(cpu_preset().replace(**{key: value})) != digest, f"{key} on is another setting"
 
 
+def test_quality_set_overrides_the_preset_and_rejects_unknown_or_invalid_settings():
+    quality = _script("quality")
+    cfg = quality.preset_with(["final_holdout=0.5", "seed=3", "inputs_per=generation"])
+    assert (cfg.final_holdout, cfg.seed, cfg.inputs_per) == (0.5, 3, "generation")
+    assert quality.config_digest(cfg) != quality.config_digest(quality.preset_with([]))
+    for bad in (["no_such_setting=1"], ["seed"], ["final_holdout=1.5"]):
+        with pytest.raises(SystemExit) as e:
+            quality.preset_with(bad)
+        assert str(e.value).startswith("quality: --set"), e.value
+
+
 def test_line_length_counts_each_served_line_once_and_relates_its_length_to_accuracy(tmp_path):
     line_length = _script("line_length")
 
