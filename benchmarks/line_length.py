@@ -42,11 +42,13 @@ def parts(roots=SOURCES) -> list[tuple[str, dict]]:
 
 def lines(found: list[tuple[str, dict]]) -> list[dict]:
     """muNet base 1.0 runs with a recorded served line, each once (a part copied between folders
-    counts once)."""
+    counts once). Runs with validation images held back (`final_holdout`: their visits record
+    finalists) are left out: their validation accuracy counts part of the split only."""
     out, seen = [], set()
     for path, row in found:
         line = row.get("training_line") or {}
-        if row.get("method") != "muNet base 1.0" or not line.get("examples"):
+        held_back = any(v.get("finalists") for v in row.get("visits") or [])
+        if row.get("method") != "muNet base 1.0" or not line.get("examples") or held_back:
             continue
         key = (row["task"], row["test_acc"], row["val_acc"], line["examples"])
         if key not in seen:

@@ -152,7 +152,9 @@ class EvolverConfig:
     # hundred images, so its winner's validation overstates its test accuracy more than
     # fine-tuning's best of two runs does (elpv: 2.4 points against 0.3; benchmarks/README.md,
     # "Half of the gap is the search's optimism"); images the search never selected on pull a
-    # lucky leader back. 0.0: MUNET.md (the best score on the whole split commits).
+    # lucky leader back. Tried on elpv alone, five seeds a side (benchmarks/README.md,
+    # "Finalists on held-back images"): within the draw, and a tenth of base 1.0's gap to
+    # fine-tuning at most. 0.0: MUNET.md (the best score on the whole split commits).
     final_holdout: float = 0.0
     final_top: int = 3
     inherit_momentum: bool = True

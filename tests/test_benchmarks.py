@@ -98,6 +98,8 @@ def test_line_length_counts_each_served_line_once_and_relates_its_length_to_accu
     part("quality_experiments/a", "muNet base 1.0", 8000, 0.72)
     part("quality_experiments/b", "muNet base 1.0", 16000, 0.76)
     part("quality_parts/munet-base-0.3", "muNet base 0.3", 2000, 0.60)  # another base: not compared
+    part("quality_experiments/held-back", "muNet base 1.0", 32000, 0.50,  # validation on part of the split: left out
+         visits=[{"visit": 1, "finalists": [{"val_acc": 0.5, "holdout_acc": 0.4, "chosen": True}]}])
     part("quality_parts/full-fine-tuning", "full fine-tuning", None, 0.77, runs=[{"lr": 0.01}, {"lr": 0.02}], val_acc=0.775)
 
     found = line_length.parts((tmp_path,))
