@@ -145,13 +145,17 @@ class Visit:
             self.live_entry = live
         self.members: dict[str, search.Member] = {}
 
-    def _val_loss(self, entry: Entry) -> float:
-        """Validation cross-entropy of a committed path, as its children's snapshots measure theirs."""
+    def _logits(self, entry: Entry, split: str) -> torch.Tensor:
+        """A path's logits on one split of this task's data, run whole (no prefix cache)."""
         modules = [entry.slots[name].module for name, _ in self.family.layout(self.root_config, entry.hparams["arch"])]
         for m in modules:
             m.to(self.cfg.device)
-        out = logits(modules, self.data.x["val"], entry.hparams["arch"]["image_size"], self.data.mean, self.data.std,
-                     self.cfg.eval_batch_size, self.cfg.device)
+        return logits(modules, self.data.x[split], entry.hparams["arch"]["image_size"], self.data.mean, self.data.std,
+                      self.cfg.eval_batch_size, self.cfg.device)
+
+    def _val_loss(self, entry: Entry) -> float:
+        """Validation cross-entropy of a committed path, as its children's snapshots measure theirs."""
+        out = self._logits(entry, "val")
         return float(F.cross_entropy(out, self.data.y["val"])) if len(out) else math.inf
 
     def _rank(self, entry: Entry) -> tuple[float, float]:
@@ -464,10 +468,7 @@ class Visit:
         finalists += [live] if live is not None else []
         rows = []
         for entry in finalists:
-            modules = [entry.slots[name].module for name, _ in self.family.layout(self.root_config, entry.hparams["arch"])]
-            out = logits(modules, self.data.x["holdout"], entry.hparams["arch"]["image_size"], self.data.mean,
-                         self.data.std, self.cfg.eval_batch_size, self.cfg.device)
-            held_acc = float((out.argmax(1) == self.data.y["holdout"]).float().mean())
+            held_acc = float((self._logits(entry, "holdout").argmax(1) == self.data.y["holdout"]).float().mean())
             whole = (entry.val_acc * n_val + held_acc * n_held) / (n_val + n_held)
             factor, _ = self.score_factor(entry.slots, entry.hparams["arch"]["image_size"])
             rows.append({"path_id": entry.path_id, "val_acc": entry.val_acc, "holdout_acc": held_acc,
