@@ -471,7 +471,8 @@ def test_a_leader_that_fails_the_held_back_images_loses_the_final_choice_to_one_
     assert max(visit.population, key=visit._rank) is lucky, "the search alone would commit the lucky leader"
     chosen, rows = visit._final_choice()
     held = {r["path_id"]: r["holdout_acc"] for r in rows}
-    assert held[live.path_id] >= 0.3 and held[lucky.path_id] < held[live.path_id], "precondition: the live path learnt"
+    # Precondition: the live path learnt more than "always class 0" (one tiny visit: 0.28-0.6 on ~18 images).
+    assert held[live.path_id] >= held[lucky.path_id] + 0.1, held
     assert chosen is steady and [r["path_id"] for r in rows] == [lucky.path_id, steady.path_id, live.path_id]
     assert [r.get("chosen", False) for r in rows] == [False, True, False]
 
