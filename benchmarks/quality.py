@@ -74,7 +74,7 @@ def part_size(row: dict) -> int:
 # Options added to EvolverConfig after parts were committed, with the value that runs the
 # search as it ran before they existed: left out of the digest at that value, so adding an
 # option that is off does not mark every committed part as run with other settings.
-ADDED_OFF = {"continue_best": False, "final_holdout": 0.0, "final_top": 3}
+ADDED_OFF = {"continue_best": False, "final_holdout": 0.0, "final_top": 3, "adapter_root_seed": None}
 
 
 def preset_with(settings: list[str]):

@@ -90,6 +90,12 @@ class EvolverConfig:
     # stay at the cheap default (DESIGN.md's cpu preset: 64 px; fine-tuning's best fixed
     # size on these data sets is 96, benchmarks/README.md).
     trained_root_size: int | None = None
+    # The seeding phase also tries the root with an adapter of this width before every block,
+    # its backbone frozen (the quality benchmark's "adapters w32" plan), at trained_root_size:
+    # on a small task frozen features generalise better than a whole network trained on them
+    # (elpv: adapters 0.775 and head only 0.743 test against fine-tuning's 0.763 and muNet's
+    # 0.728, benchmarks/README.md). None: MUNET.md's seeds.
+    adapter_root_seed: int | None = None
     # At most this many other tasks' live paths seed a visit, drawn by the visit's rng: with
     # few candidates per visit and many tasks, MUNET.md's every-task seeding fills a late
     # task's first visit with seeds (six tasks, eight candidates: seven seeds) and leaves its
@@ -188,6 +194,8 @@ class EvolverConfig:
             raise ValueError(f"final_holdout must be in [0, 1), not {self.final_holdout!r}")
         if self.final_top < 1:
             raise ValueError(f"final_top must be >= 1, not {self.final_top!r}")
+        if self.adapter_root_seed is not None and self.adapter_root_seed < 1:
+            raise ValueError(f"adapter_root_seed must be a width >= 1 or None, not {self.adapter_root_seed!r}")
         if not 0.0 < self.line_anneal_floor <= 1.0:
             raise ValueError(f"line_anneal_floor must be in (0, 1], not {self.line_anneal_floor!r}")
 

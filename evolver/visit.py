@@ -125,6 +125,7 @@ class Visit:
         self.pending_seeds = [e for e in self.seeds if e.path_id not in tried] if self.seeding and self.cfg.seed_phase else []
         root_pending = any(e.path_id == self.root_path_id for e in self.pending_seeds)
         self.pending_trained_root = self.cfg.trained_root_seed and root_pending
+        self.pending_adapter_root = self.cfg.adapter_root_seed is not None and root_pending
         self.pending_root_sizes = self._root_sizes(self.cfg.root_seed_sizes) if root_pending and self.cfg.root_seed_sizes else []
         self.population: list[Entry] = []
         self.live_score: tuple[str, float] | None = None
@@ -176,6 +177,19 @@ class Visit:
             log.append(f"image_size:{hp['arch']['image_size']}->{size}")
             hp["arch"]["image_size"] = size
         return root, hp, log
+
+    def _trained_root_size(self) -> int | None:
+        """cfg.trained_root_size where the root family takes it, else None (the root's own)."""
+        wanted = self.cfg.trained_root_size
+        return next(iter(self._root_sizes([wanted])), None) if wanted is not None else None
+
+    def _adapter_root_seed(self, width: int) -> tuple[Entry, dict, list[str]]:
+        """The root seed at the trained root's size with an adapter of `width` before every block."""
+        root, hp, log = self._root_seed(self._trained_root_size())
+        blocks = hp["arch"]["blocks"]
+        hp["arch"]["adapters"] = {str(i): width for i in blocks}
+        hp["adapter_width"] = width
+        return root, hp, log + [f"adapter:{i}/w{width}" for i in blocks]
 
     def _committed_entry(self, path_id: str) -> Entry:
         if path_id in self.entries:
@@ -341,9 +355,10 @@ class Visit:
             return seed, copy.deepcopy(seed.hparams), ["seed"], set(), True
         if self.pending_trained_root:  # cfg.trained_root_seed: the root once more, every component trained
             self.pending_trained_root = False
-            wanted = self.cfg.trained_root_size
-            size = next(iter(self._root_sizes([wanted])), None) if wanted is not None else None
-            return *self._root_seed(size, TRAIN_ALL), set(), True
+            return *self._root_seed(self._trained_root_size(), TRAIN_ALL), set(), True
+        if self.pending_adapter_root:  # cfg.adapter_root_seed: the root, frozen, with an adapter before every block
+            self.pending_adapter_root = False
+            return *self._adapter_root_seed(self.cfg.adapter_root_seed), set(), True
         if self.pending_root_sizes:  # cfg.root_seed_sizes: the root's plain seed at another size
             return *self._root_seed(self.pending_root_sizes.pop(0)), set(), True
         if self.cfg.continue_best and first and self.population:

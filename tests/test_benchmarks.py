@@ -66,7 +66,7 @@ def test_an_option_added_off_leaves_the_committed_parts_settings_digest_unchange
     committed = json.loads((REPO / "benchmarks" / "results" / "quality_parts" / "munet-base-1.0" / "cifar.json").read_text())
     digest = quality.config_digest(cpu_preset())
     assert digest == committed["config"], "the committed muNet base 1.0 parts ran with the current cpu preset"
-    on = {"continue_best": True, "final_holdout": 0.3, "final_top": 5}
+    on = {"continue_best": True, "final_holdout": 0.3, "final_top": 5, "adapter_root_seed": 32}
     assert set(on) == set(quality.ADDED_OFF), "every added option has a value here that turns it on"
     for key, value in on.items():
         assert quality.config_digest(cpu_preset().replace(**{key: value})) != digest, f"{key} on is another setting"

@@ -193,6 +193,26 @@ def test_the_seeding_phase_tries_the_root_with_every_component_trained_when_conf
     assert "image_size:32->48" in sized[0].mutations and sized[0].examples > 0
 
 
+def test_the_seeding_phase_tries_the_frozen_root_with_an_adapter_before_every_block_when_configured(two_tasks):
+    cfg = tiny_config(candidates=3, max_epochs=0.3, seed_tasks=0, adapter_root_seed=8, trained_root_size=48)
+    Visit(two_tasks, "a", cfg, progress=False).run()
+    with two_tasks.Session() as s:
+        rows = list(s.scalars(select(CandidateRow).join(Task).where(Task.name == "a").order_by(CandidateRow.id)))
+    seeds = [r for r in rows if "seed" in r.mutations]
+    assert len(seeds) == 2, "the root, then the root with adapters"
+    plain, adapted = seeds
+    assert adapted.parent_path_id == plain.parent_path_id, "its parent: the root path"
+    depth = len(plain.hparams["arch"]["blocks"])
+    assert adapted.hparams["arch"]["adapters"] == {str(i): 8 for i in range(depth)} and adapted.hparams["adapter_width"] == 8
+    assert {f"new:adapter@{i}/w8" for i in range(depth)} <= set(adapted.mutations), "every adapter new and trained"
+    refs = {m for m in adapted.mutations if m.startswith("ref:")}
+    assert {"ref:stem", "ref:neck"} | {f"ref:blocks.{i}" for i in range(depth)} <= refs, "the backbone stays frozen"
+    assert adapted.hparams["arch"]["image_size"] == 48 and adapted.examples > 0, "at the trained root's size, trained"
+    assert not plain.hparams["arch"]["adapters"], "MUNET.md's root seed is unchanged"
+    with pytest.raises(ValueError, match="adapter_root_seed"):
+        cfg.replace(adapter_root_seed=0)
+
+
 def test_a_visit_seeds_from_at_most_seed_tasks_other_tasks_when_configured(two_tasks, tmp_path):
     two_tasks.add_task("c", str(digits_npz(tmp_path / "c.npz", offset=5)))
     cfg = tiny_config(candidates=1, max_epochs=0.3, seed_tasks=None)
