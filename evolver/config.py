@@ -94,7 +94,9 @@ class EvolverConfig:
     # its backbone frozen (the quality benchmark's "adapters w32" plan), at trained_root_size:
     # on a small task frozen features generalise better than a whole network trained on them
     # (elpv: adapters 0.775 and head only 0.743 test against fine-tuning's 0.763 and muNet's
-    # 0.728, benchmarks/README.md). None: MUNET.md's seeds.
+    # 0.728, benchmarks/README.md). None: MUNET.md's seeds. Tried on elpv at 32 (benchmarks/
+    # README.md, "The adapters plan as a seed on elpv"): after a first visit's quarter epoch
+    # it scores as the plain root seed does and no served line descended from it, so it is off.
     adapter_root_seed: int | None = None
     # At most this many other tasks' live paths seed a visit, drawn by the visit's rng: with
     # few candidates per visit and many tasks, MUNET.md's every-task seeding fills a late
