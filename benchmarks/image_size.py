@@ -22,7 +22,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import SHARED_DATA, table, write  # noqa: E402
-from quality import PARTS, installation, load_part  # noqa: E402
+from quality import PARTS, installation, load_part, train_images  # noqa: E402
 
 from munet.evolver.baselines import run_baseline  # noqa: E402
 from munet.evolver.config import cpu_preset  # noqa: E402
@@ -47,7 +47,7 @@ def main() -> None:
         system = installation(Path(work), "image-size", args.tasks)
         for t in args.tasks:
             budget = load_part(PARTS, "muNet base 1.0", t)["examples"]
-            n_train = int(round(system.task_json(t)["n_train"] * 0.9))
+            n_train = train_images(system.task_json(t))
             epochs = budget / (args.runs_per_budget * n_train)
             for size in args.sizes:
                 for schedule in args.schedule:

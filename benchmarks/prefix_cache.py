@@ -105,7 +105,8 @@ def main() -> None:
         with system.Session() as s:
             task = s.scalar(select(Task))
             root = s.get(Root, task.root_id)
-        data = TaskData.from_arrays(task.name, system.dataset(task), 0.1, 0, root.config["mean"], root.config["std"])
+        data = TaskData.from_arrays(task.name, system.dataset(task), task.val_fraction, task.split_seed,
+                                    root.config["mean"], root.config["std"])
         rows = []
         for kind in args.kinds:
             rows += measure(system, root, task, data, kind, args)

@@ -27,6 +27,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 from sqlalchemy import func, select
 
@@ -38,6 +39,7 @@ from munet.evolver.config import EvolverConfig, cpu_preset  # noqa: E402
 from munet.evolver.worker import run_worker  # noqa: E402
 from munet.settings import Settings  # noqa: E402
 from munet.storage import lineage  # noqa: E402
+from munet.storage.commit import default_val_fraction  # noqa: E402
 from munet.storage.schema import Candidate, PathRow, Task  # noqa: E402
 from munet.system import System  # noqa: E402
 
@@ -112,15 +114,31 @@ def budgets(rows: list[dict], method: str) -> dict[str, int]:
     return {r["task"]: r["examples"] for r in rows if r["method"] == method}
 
 
+def train_images(task: dict) -> int:
+    """Images a task trains on (its task JSON): what is left after validation is carved out."""
+    return task["n_train"] - int(round(task["n_train"] * task["val_fraction"]))
+
+
+def held_for_validation(task: str) -> float:
+    """The share of `task`'s training images a new installation holds for validation."""
+    with np.load(SHARED_DATA / f"{task}.npz") as d:
+        return default_val_fraction(len(d["y_train"]))
+
+
 def mixed_configs(rows: list[dict], methods: list[str]) -> list[str]:
     """Methods whose parts ran with different evolver settings, muNet bases that ran with
     different settings from each other (parts from before the digest was recorded are not
-    compared), and baseline parts that spent another budget than muNet's first base now sets."""
+    compared), parts whose task held another validation share than a new run would (parts
+    from before it was recorded held 10%, the only share then), and baseline parts that spent
+    another budget than muNet's first base now sets."""
     digests = {m: sorted({r["config"] for r in rows if r["method"] == m and r.get("config")}) for m in methods}
     out = [f"{m}: its tasks ran with {len(d)} different evolver configs {d}" for m, d in digests.items() if len(d) > 1]
     munet = {m: d[0] for m, d in digests.items() if m.startswith("muNet") and len(d) == 1}
     if len(set(munet.values())) > 1:
         out.append("muNet bases ran with different evolver configs: " + ", ".join(f"{m} {d}" for m, d in munet.items()))
+    now = {t: held_for_validation(t) for t in {r["task"] for r in rows}}
+    out += [f"{r['method']} {r['task']}: validated on {r.get('val_fraction', 0.1):.0%} of its training images, "
+            f"a new run holds {now[r['task']]:.0%}" for r in rows if abs(r.get("val_fraction", 0.1) - now[r["task"]]) > 1e-9]
     budget = budgets(rows, methods[0])
     out += [f"{r['method']} {r['task']}: ran on a budget of {r['budget']} examples, muNet now sets {budget[r['task']]}"
             for r in rows if r.get("budget") is not None and budget.get(r["task"]) not in (None, r["budget"])]
@@ -221,6 +239,7 @@ def run_munet(work: Path, parts: Path, base: float, tasks: list[str], cfg, visit
                "image_size": live.get("image_size"), "visits": [v for v in visit_log if v["task"] == t],
                "budget_split": split.get(t, {}), "training_line": training_line(system, live["id"]),
                "hparams": live["hparams"],  # the live path's recipe (lr, size, blocks), kept past --work
+               "val_fraction": info["val_fraction"],
                "config": config_digest(cfg)}
         save_part(parts, row)
         out.append(row)
@@ -238,7 +257,8 @@ def run_baselines(work: Path, parts: Path, label: str, kind: str, tasks: list[st
             row = None
         if row is None:
             system = system or installation(work, f"baseline-{kind.replace(':', '')}", tasks)
-            n_train = int(round(system.task_json(t)["n_train"] * 0.9))
+            info = system.task_json(t)
+            n_train = train_images(info)
             epochs = max(budget[t] / (runs * n_train), 1.0 / n_train)
             lrs = [0.01, 0.02, 0.005, 0.05][:runs]
             t0 = time.perf_counter()
@@ -247,7 +267,8 @@ def run_baselines(work: Path, parts: Path, label: str, kind: str, tasks: list[st
             row = {"method": label, "task": t, "test_acc": r["test_acc"], "val_acc": r["val_acc"],
                    "accounted_params": r["accounted_params"], "private_params": r["trained_params"],
                    "frozen_params": r["frozen_params"], "examples": r["examples"], "seconds": r["seconds"],
-                   "runs": r["runs"], "budget": budget[t], "image_size": size, "config": config_digest(cfg)}
+                   "runs": r["runs"], "budget": budget[t], "image_size": size, "config": config_digest(cfg),
+                   "val_fraction": info["val_fraction"]}
             save_part(parts, row)
             print(f"quality: {label} {t}: test {row['test_acc']:.3f} in {time.perf_counter() - t0:.0f} s", flush=True)
         out.append(row)

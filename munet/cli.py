@@ -309,7 +309,7 @@ def add_task_report(system, name: str, data: str | FilePath, root: str | None) -
     return {
         "name": task.name, "root": root or system.default_root(), "status": task.status,
         "dataset": task.dataset_digest, "classes": list(task.classes), "image_shape": list(task.image_shape),
-        "n_train": task.n_train, "n_test": task.n_test,
+        "n_train": task.n_train, "n_test": task.n_test, "val_fraction": task.val_fraction,
         "per_class": [{"class": c, "train": tr, "test": te} for c, tr, te in zip(task.classes, train, test)],
     }
 
@@ -326,7 +326,8 @@ def print_task_added(ctx: Context, report: dict) -> None:
     ctx.console.print(table)
     shape = "x".join(str(d) for d in report["image_shape"])
     ctx.console.print(f"{report['n_train']} train / {report['n_test']} test images, {len(report['classes'])} classes, "
-                      f"image shape {shape}; root {report['root']}; status {report['status']}")
+                      f"image shape {shape}; {report['val_fraction']:.0%} of train held for validation; "
+                      f"root {report['root']}; status {report['status']}")
 
 
 def cmd_task_add(ctx: Context) -> None:
@@ -365,6 +366,10 @@ def cmd_task_list(ctx: Context) -> None:
     ctx.console.print(table)
 
 
+def _val_images(view: dict) -> int:
+    return round(view["n_train"] * view["val_fraction"])
+
+
 def cmd_task_show(ctx: Context) -> None:
     from sqlalchemy import select
 
@@ -380,7 +385,9 @@ def cmd_task_show(ctx: Context) -> None:
     rows = [("status", view["status"]), ("root", str(view["root"])),
             ("classes", f"{len(view['classes'])}: " + ", ".join(map(str, view["classes"][:12]))
              + (" ..." if len(view["classes"]) > 12 else "")),
-            ("train / test", f"{view['n_train']} / {view['n_test']}"), ("data set", view["dataset"]),
+            ("train / test", f"{view['n_train']} / {view['n_test']}"),
+            ("validation", f"about {_val_images(view)} of the training images ({view['val_fraction']:.0%})"),
+            ("data set", view["dataset"]),
             ("pinned", "yes" if view["pinned"] else "no"), ("visits", str(view["visits"])),
             ("candidates tried", str(view["candidates_tried"])), ("last improvement", view["last_improvement"] or "-"),
             ("created", view["created_at"] or "-")]
@@ -389,8 +396,7 @@ def cmd_task_show(ctx: Context) -> None:
     if live:
         with system.ReadSession() as s:
             line = lineage.training_line(s, live["id"])
-            fraction = s.scalar(select(Task.val_fraction).where(Task.name == view["name"]))
-        epochs = line["examples"] / max(1, round(view["n_train"] * (1 - fraction)))
+        epochs = line["examples"] / max(1, view["n_train"] - _val_images(view))
         rows += [("live path", live["id"]), ("score", live["score"]), ("validation acc", live["val_acc"]),
                  ("test acc", live["test_acc"]), ("accounted params", _fmt_params(live["accounted_params"])),
                  ("image size", str(live["image_size"]))]

@@ -149,6 +149,7 @@ def task_view(s, task: Task) -> dict:
         "classes": task.classes,
         "n_train": task.n_train,
         "n_test": task.n_test,
+        "val_fraction": task.val_fraction,  # of n_train, carved out for validation (storage.commit.default_val_fraction)
         "dataset": task.dataset_digest,
         "live_path": None if live is None else {
             "id": live.id, "score": live.score, "val_acc": live.val_acc, "test_acc": live.test_acc,

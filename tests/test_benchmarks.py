@@ -101,6 +101,8 @@ def test_line_length_counts_each_served_line_once_and_relates_its_length_to_accu
     part("quality_experiments/held-back", "muNet base 1.0", 32000, 0.50,  # validation on part of the split: left out
          visits=[{"visit": 1, "finalists": [{"val_acc": 0.5, "holdout_acc": 0.4, "chosen": True}]}])
     part("quality_parts/full-fine-tuning", "full fine-tuning", None, 0.77, runs=[{"lr": 0.01}, {"lr": 0.02}], val_acc=0.775)
+    part("quality_experiments/larger-split", "muNet base 1.0", 64000, 0.90, val_fraction=0.25)  # other images: left out
+    part("quality_experiments/larger-split-ft", "full fine-tuning", None, 0.50, runs=[{"lr": 0.01}], val_fraction=0.25)
 
     found = line_length.parts((tmp_path,))
     runs = line_length.lines(found)

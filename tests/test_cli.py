@@ -141,15 +141,18 @@ def test_init_root_task_system_sequence_in_a_fresh_home(tmp_path):
 def test_task_list_and_show_agree_in_json_and_print_tables(home_copy, tmp_path, monkeypatch, capsys):
     data = make_npz(tmp_path / "d.npz")
     rc, out, _ = run_main(monkeypatch, capsys, home_copy, "task", "add", "small", "--data", str(data))
-    assert rc == 0 and "class2" in out and "18 train / 6 test images, 3 classes, image shape 8x8x1" in " ".join(out.split())
+    flat = " ".join(out.split())
+    assert rc == 0 and "class2" in out and "18 train / 6 test images, 3 classes, image shape 8x8x1" in flat
+    assert "25% of train held for validation" in flat  # 18 images: a quarter, the most a small set gives up
     rc, out, _ = run_main(monkeypatch, capsys, home_copy, "task", "list", "--json")
     tasks = json.loads(out)
     assert [t["name"] for t in tasks] == ["small"]
     rc, out, _ = run_main(monkeypatch, capsys, home_copy, "--json", "task", "show", "small")
     shown = json.loads(out)
     assert shown == tasks[0] and shown["live_path"] is None and shown["status"] == "queued"
+    assert shown["val_fraction"] == 0.25
     rc, out, _ = run_main(monkeypatch, capsys, home_copy, "task", "show", "small")
-    assert rc == 0 and "small" in out and "none yet" in out
+    assert rc == 0 and "small" in out and "none yet" in out and "about 4 of the training images (25%)" in out
     rc, out, _ = run_main(monkeypatch, capsys, home_copy, "task", "list")
     assert rc == 0 and "small" in out and "queued" in out
 

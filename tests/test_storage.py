@@ -19,6 +19,7 @@ import threading
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from alembic.autogenerate import compare_metadata
@@ -26,6 +27,7 @@ from alembic.runtime.migration import MigrationContext
 from sqlalchemy import func, select, update
 
 from conftest import make_settings
+from munet.evolver.train import split_indices
 from munet.storage import commit, gc, lineage
 from munet.storage.blobs import BlobError, LayerStore
 from munet.storage.commit import CommitError, LeaseLost, NewComponent, PathRecord
@@ -53,10 +55,10 @@ def root_ids(system: System, root: Root) -> dict[str, str]:
     return {names[i]: i for i in ids}
 
 
-def add_task(system: System, name: str, root: str = "tiny", classes: int = 3) -> Task:
+def add_task(system: System, name: str, root: str = "tiny", classes: int = 3, n_train: int = 30, **kw) -> Task:
     dataset = {"digest": hashlib.sha256(name.encode()).hexdigest(), "classes": [f"c{i}" for i in range(classes)],
-               "n_train": 30, "n_test": 9, "image_shape": [8, 8, 1]}
-    return commit.add_task(system.Session, name, root, dataset)
+               "n_train": n_train, "n_test": 9, "image_shape": [8, 8, 1]}
+    return commit.add_task(system.Session, name, root, dataset, **kw)
 
 
 def new_head(classes: int, seed: int) -> NewComponent:
@@ -256,6 +258,20 @@ def test_add_root_records_locked_components_and_a_root_path(system):
     assert root.root_params == root.total_params - params["head"] == root.total_params - 10 * (DIM + 1)
     with pytest.raises(CommitError, match="exists already"):
         tiny_root(system)
+
+
+def test_a_small_task_validates_on_500_images_up_to_a_quarter_of_its_training_set(system):
+    tiny_root(system)
+    cases = {"big": (5000, 0.1), "elpv_sized": (1970, 0.25), "middle": (2500, 0.2), "tiny": (30, 0.25)}
+    for name, (n_train, _) in cases.items():
+        add_task(system, name, n_train=n_train)
+    add_task(system, "chosen", n_train=1970, val_fraction=0.1)
+    with system.Session() as s:
+        fractions = dict(s.execute(select(Task.name, Task.val_fraction)).all())
+    assert fractions == {**{name: f for name, (_, f) in cases.items()}, "chosen": 0.1}
+    # The stratified split the evolver carves holds that many images.
+    y = np.arange(2500) % 5
+    assert len(split_indices(y, fractions["middle"], seed=0)[1]) == 500
 
 
 # -- the commit protocol ---------------------------------------------------------------------
