@@ -39,7 +39,7 @@ from munet.evolver.config import EvolverConfig, cpu_preset  # noqa: E402
 from munet.evolver.worker import run_worker  # noqa: E402
 from munet.settings import Settings  # noqa: E402
 from munet.storage import lineage  # noqa: E402
-from munet.storage.commit import default_val_fraction  # noqa: E402
+from munet.storage.commit import default_val_fraction, val_images  # noqa: E402
 from munet.storage.schema import Candidate, PathRow, Task  # noqa: E402
 from munet.system import System  # noqa: E402
 
@@ -116,7 +116,7 @@ def budgets(rows: list[dict], method: str) -> dict[str, int]:
 
 def train_images(task: dict) -> int:
     """Images a task trains on (its task JSON): what is left after validation is carved out."""
-    return task["n_train"] - int(round(task["n_train"] * task["val_fraction"]))
+    return task["n_train"] - val_images(task["n_train"], task["val_fraction"])
 
 
 def held_for_validation(task: str) -> float:

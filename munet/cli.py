@@ -367,7 +367,9 @@ def cmd_task_list(ctx: Context) -> None:
 
 
 def _val_images(view: dict) -> int:
-    return round(view["n_train"] * view["val_fraction"])
+    from munet.storage.commit import val_images
+
+    return val_images(view["n_train"], view["val_fraction"])
 
 
 def cmd_task_show(ctx: Context) -> None:

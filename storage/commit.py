@@ -138,6 +138,11 @@ def default_val_fraction(n_train: int) -> float:
     return max(VAL_FRACTION, min(MAX_VAL_FRACTION, MIN_VAL_IMAGES / max(n_train, 1)))
 
 
+def val_images(n_train: int, val_fraction: float) -> int:
+    """About how many images the split holds (the evolver's stratified split rounds per class)."""
+    return round(n_train * val_fraction)
+
+
 def add_task(Session: sessionmaker[Session], name: str, root_name: str, dataset: dict,
              val_fraction: float | None = None, split_seed: int = 0) -> Task:
     """A queued task; `val_fraction` None takes `default_val_fraction` of its training set."""
