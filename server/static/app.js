@@ -366,8 +366,8 @@ $("#task-form").addEventListener("submit", async ev => {
   showResult(box, "busy", `uploading ${esc(file.name)} (${fmtCompact(file.size)}B)…`);
   try {
     const t = await api("tasks", { method: "POST", body: form, headers: token ? { Authorization: `Bearer ${token}` } : {} });
-    showResult(box, "ok", `task <b>${esc(t.name)}</b> queued: ${t.classes.length} classes, ${fmtInt(t.n_train)} training and ` +
-      `${fmtInt(t.n_test)} test images. The evolver serves a first path within minutes.`);
+    showResult(box, "ok", `task <b>${esc(t.name)}</b> queued: ${t.classes.length} classes, ${fmtInt(t.n_train)} training ` +
+      `(${Math.round(100 * t.val_fraction)}% of them held for validation) and ${fmtInt(t.n_test)} test images. The evolver serves a first path within minutes.`);
     $("#task-form").reset();
     refresh();
   } catch (e) { showResult(box, "bad", errorHtml(e)); }
