@@ -77,6 +77,9 @@ def part_size(row: dict) -> int:
 # search as it ran before they existed: left out of the digest at that value, so adding an
 # option that is off does not mark every committed part as run with other settings.
 ADDED_OFF = {"continue_best": False, "final_holdout": 0.0, "final_top": 3, "adapter_root_seed": None}
+# Settings dropped from `EvolverConfig` since, with the value every committed part hashed:
+# `val_fraction` was never read (a task's split is on its row, storage.commit.default_val_fraction).
+REMOVED = {"val_fraction": 0.1}
 
 
 def preset_with(settings: list[str]):
@@ -106,6 +109,7 @@ def config_digest(cfg) -> str:
     for key, off in ADDED_OFF.items():
         if settings.get(key) == off:
             del settings[key]
+    settings.update(REMOVED)
     return hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 

@@ -54,7 +54,6 @@ class EvolverConfig:
     base: float = 1.0  # score = acc * base ** (accounted_params / root_params)
     flops_base: float = 1.0  # µ2Net+ compute factor; 1.0 switches it off
     min_improvement: float = 0.0
-    val_fraction: float = 0.1
     seed_phase: bool = True
     # Visits of a task that start with the seeding phase and whose parent selection may fall
     # back to a seed (None: every visit, MUNET.md §5.2-3); later visits evolve the task's own paths.

@@ -59,13 +59,14 @@ def test_quality_quick_runs_every_method_on_two_tasks_and_reports_them(tmp_path)
     assert "mixed settings: head only" in rerun.stdout
 
 
-def test_an_option_added_off_leaves_the_committed_parts_settings_digest_unchanged():
-    from munet.evolver.config import cpu_preset
+def test_an_option_added_off_or_a_setting_removed_leaves_the_committed_parts_settings_digest_unchanged():
+    from munet.evolver.config import EvolverConfig, cpu_preset
 
     quality = _script("quality")
     committed = json.loads((REPO / "benchmarks" / "results" / "quality_parts" / "munet-base-1.0" / "cifar.json").read_text())
     digest = quality.config_digest(cpu_preset())
     assert digest == committed["config"], "the committed muNet base 1.0 parts ran with the current cpu preset"
+    assert not set(quality.REMOVED) & set(EvolverConfig.__dataclass_fields__), "REMOVED holds only dropped settings"
     on = {"continue_best": True, "final_holdout": 0.3, "final_top": 5, "adapter_root_seed": 32}
     assert set(on) == set(quality.ADDED_OFF), "every added option has a value here that turns it on"
     for key, value in on.items():

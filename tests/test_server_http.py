@@ -251,6 +251,8 @@ def test_task_submission_with_a_token(server_a):
     assert code == 401 and body["error"] == "unauthorized"
     code, body, _ = server.request("POST", "/tasks", data, {"Content-Type": ctype, "Authorization": f"Bearer {TOKEN}"})
     assert code == 201 and body["name"] == "zeta" and body["status"] == "queued", body
+    # the web page's new-task message reads the validation share from this answer
+    assert body["n_train"] < 2000 and body["val_fraction"] == 0.25, body
     code, body, _ = predict(server, "zeta", [png_b64(squares(1, 3)[0][0])])
     assert code == 409 and body["error"] == "no_live_path"
     res = commit_variant(system, "zeta", seed=31, score=0.5)
