@@ -290,13 +290,25 @@ def plot(rows: list[dict], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6.5, 4.5))
+    points = {}
     for method in dict.fromkeys(r["method"] for r in rows):
         mine = [r for r in rows if r["method"] == method]
-        acc = statistics.mean(r["test_acc"] for r in mine)
-        ppt = mine[0]["params_per_task"] / 1e6
-        ax.scatter(ppt, acc, s=60, marker="*" if method.startswith("muNet") else "o")
-        ax.annotate(method, (ppt, acc), textcoords="offset points", xytext=(5, 4), fontsize=8)
+        points[method] = (mine[0]["params_per_task"] / 1e6, statistics.mean(r["test_acc"] for r in mine))
+    fig, ax = plt.subplots(figsize=(6.5, 4.5))
+    if "full fine-tuning" in points:  # the floor: fine-tuning's accuracy at half its parameters or fewer
+        ft_ppt, ft_acc = points["full fine-tuning"]
+        ax.axhline(ft_acc, color="grey", lw=0.8, ls="--")
+        ax.axvline(ft_ppt / 2, color="grey", lw=0.8, ls=":")
+        ax.annotate("floor: fine-tuning's accuracy at half its parameters", (ft_ppt / 2, ft_acc),
+                    textcoords="offset points", xytext=(4, -9), fontsize=7, color="grey")
+    for method, (ppt, acc) in points.items():
+        star = method.startswith("muNet")
+        ax.scatter(ppt, acc, s=60, marker="*" if star else "o")
+        # muNet's labels below their point and baselines' above, so neighbours of equal size
+        # (freeze bottom half beside base 1.0) do not overlap
+        ax.annotate(method, (ppt, acc), textcoords="offset points", xytext=(5, -11 if star else 4), fontsize=8)
+    low, high = ax.get_xlim()
+    ax.set_xlim(low, high + 0.2 * (high - low))  # room for the labels of the largest methods
     ax.set_xlabel("parameters per task (M): unique live parameters / tasks")
     ax.set_ylabel("average test accuracy")
     ax.set_title("muNet vs fine-tuning, EfficientNet-Lite0 root, equal budgets")
