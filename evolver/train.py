@@ -117,8 +117,9 @@ def memory_format_of(cfg: EvolverConfig) -> torch.memory_format:
 def in_memory_format(modules: list[nn.Module], fmt: torch.memory_format):
     """Run a candidate's modules in `fmt`, back to contiguous on exit (safetensors stores only
     contiguous tensors; the server lays out what it loads itself). Channels-last convolutions train
-    ~1.8x faster on CPU: EfficientNet-Lite0 fine-tuning at 96 px, batch 64, 2 threads,
-    0.57 -> 0.32 s per step; the frozen forward 0.22 -> 0.11 s."""
+    ~1.8-2x faster on CPU: EfficientNet-Lite0 fine-tuning at 96 px, batch 64, 2 threads,
+    0.57 -> 0.32 s per step, the frozen forward 0.22 -> 0.11 s (2026-11-29); 1.05 -> 0.54 s per
+    step on 2026-12-06, when the whole machine ran ~1.7x slower."""
     if fmt == torch.contiguous_format:
         yield
         return
