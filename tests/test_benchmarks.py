@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
@@ -115,3 +116,46 @@ def test_line_length_counts_each_served_line_once_and_relates_its_length_to_accu
     assert row["test_longer_half"] == pytest.approx(0.76) and row["test_shorter_half"] == pytest.approx(0.71)
     assert row["fine_tuning_examples_per_run"] == 28000 and row["fine_tuning_test"] == pytest.approx(0.77)
     assert row["val_over_test"] == pytest.approx(0.02) and row["fine_tuning_val_over_test"] == pytest.approx(0.005)
+
+
+def test_split_leak_tells_shots_of_one_object_on_both_sides_of_a_split_from_new_objects():
+    split_leak = _script("split_leak")
+    rng = np.random.default_rng(0)
+    classes, objects, shots, dim = 10, 12, 5, 32
+    centres = rng.normal(size=(classes, dim))
+    # Objects of one class differ more than a class centre allows a nearest neighbour to tell;
+    # shots of one object differ little, like the frames of one GTSRB track.
+    protos = centres[:, None] + 2.5 * rng.normal(size=(classes, objects, dim))
+
+    def sample(protos, n_shots):
+        x = np.repeat(protos.reshape(-1, dim), n_shots, axis=0) + 0.1 * rng.normal(size=(protos[:, :, 0].size * n_shots, dim))
+        y = np.repeat(np.arange(classes), protos.shape[1] * n_shots)
+        f = x / np.linalg.norm(x, axis=1, keepdims=True)
+        return (f.astype(np.float32), split_leak.standardised_pixels(x[:, :, None, None])), y
+
+    train, y = sample(protos, shots)
+    new_objects, y_new = sample(centres[:, None] + 2.5 * rng.normal(size=(classes, 4, dim)), shots)
+    same_objects, y_same = sample(protos, 1)
+
+    leaky = split_leak.compare_splits("t", {"train": train, "test": new_objects}, y, y_new, [0, 1])
+    clean = split_leak.compare_splits("t", {"train": train, "test": same_objects}, y, y_same, [0, 1])
+    summary = split_leak.summary(leaky + [{**r, "task": "u"} for r in clean], ["t", "u"])
+    by_task = {row["task"]: row for row in summary if row["split"] == "random"}
+    assert all(r["val_images"] == 150 for r in leaky)  # a quarter of 600 (default_val_fraction)
+    leak, control = by_task["t"], by_task["u"]
+    assert leak["nn_val"] > 0.9 and leak["nn_gap"] > 0.4  # val's neighbours are track-mates, test's are not
+    assert leak["probe_gap"] > 0.2 and leak["px_val"] < leak["px_test"]
+    assert abs(control["nn_gap"]) < 0.05 and abs(control["probe_gap"]) < 0.05  # the same objects on both sides
+
+
+def test_a_grouped_split_keeps_shots_of_one_object_on_one_side():
+    split_leak = _script("split_leak")
+    rng = np.random.default_rng(1)
+    objects = rng.normal(size=(40, 16))
+    f = np.repeat(objects, 5, axis=0) + 0.01 * rng.normal(size=(200, 16))  # 5 shots per object
+    y = np.repeat(np.arange(4), 50)
+    train, val, largest = split_leak.grouped_split(f, y, 0.25, 0.05, seed=0)
+    obj = np.repeat(np.arange(40), 5)
+    assert largest == 5 and len(val) == 60 and not set(obj[train]) & set(obj[val])
+    assert sorted(np.concatenate([train, val])) == list(range(200))
+    assert all((y[val] == c).sum() == 15 for c in range(4))  # each class: whole objects until it holds its share (12 -> 3 objects)
