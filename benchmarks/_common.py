@@ -12,6 +12,8 @@ import torch
 # MUNET_BENCH_RESULTS: where results go instead (the test suite's --quick run writes to a temp dir).
 RESULTS = Path(os.environ.get("MUNET_BENCH_RESULTS") or Path(__file__).resolve().parent / "results")
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+# The six data sets of ../shared/data that the quality benchmark and its analyses cover.
+SHARED_TASKS = ("cifar", "gtsrb", "natural_images", "mnist", "notmnist", "elpv")
 
 
 def machine() -> dict:

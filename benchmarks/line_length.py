@@ -23,10 +23,9 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import table, write  # noqa: E402
+from _common import SHARED_TASKS as TASKS, table, write  # noqa: E402
 
 SOURCES = (Path(__file__).resolve().parent / "results",)
-TASKS = ("cifar", "gtsrb", "natural_images", "mnist", "notmnist", "elpv")
 # Every task validated on 10% of its training images until 2026-12-06 (parts without
 # `val_fraction`); runs on another split trained and selected on other images, so they are
 # left out rather than pooled.

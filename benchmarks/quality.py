@@ -32,7 +32,7 @@ import torch
 from sqlalchemy import func, select
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import RESULTS, SHARED_DATA, table, write  # noqa: E402
+from _common import RESULTS, SHARED_DATA, SHARED_TASKS, table, write  # noqa: E402
 
 from munet.evolver.baselines import run_baseline  # noqa: E402
 from munet.evolver.config import EvolverConfig, cpu_preset  # noqa: E402
@@ -43,7 +43,7 @@ from munet.storage.commit import default_val_fraction, val_images  # noqa: E402
 from munet.storage.schema import Candidate, PathRow, Task  # noqa: E402
 from munet.system import System  # noqa: E402
 
-TASKS = ["cifar", "gtsrb", "natural_images", "mnist", "notmnist", "elpv"]
+TASKS = list(SHARED_TASKS)
 BASELINES = {"full fine-tuning": "full", "head only": "head", "freeze bottom half": "freeze:8", "adapters w32": "adapters:32"}
 # Finished (method, task) results, committed with the repository: the full run takes longer
 # than one working session on 2 cores, so it resumes from here in a fresh checkout.

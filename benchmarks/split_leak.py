@@ -37,14 +37,13 @@ from scipy.sparse.csgraph import connected_components
 from sklearn.linear_model import LogisticRegression
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import SHARED_DATA, table, write  # noqa: E402
+from _common import SHARED_DATA, SHARED_TASKS as TASKS, table, write  # noqa: E402
 
 from munet.evolver.train import split_indices  # noqa: E402
 from munet.models.paths import preprocess  # noqa: E402
 from munet.models.roots import load_root_model  # noqa: E402
 from munet.storage.commit import default_val_fraction  # noqa: E402
 
-TASKS = ("cifar", "gtsrb", "natural_images", "mnist", "notmnist", "elpv")
 METRICS = ("probe_val", "probe_test", "nn_val", "nn_test", "px_val", "px_test")
 
 
@@ -69,13 +68,17 @@ def nearest_label_agreement(f: np.ndarray, y: np.ndarray, f_train: np.ndarray, y
     return float((y_train[(unit(f) @ unit(f_train).T).argmax(1)] == y).mean())
 
 
-def grouped_split(f: np.ndarray, y: np.ndarray, fraction: float, radius: float, seed: int):
-    """Validation made of whole groups: images of one class within `radius` of each other in
-    feature space (cosine distance) are linked, and links chain into groups; each class gives
-    validation whole groups, drawn at random, until it holds its share. Returns (train, val,
-    largest group)."""
+def similarity_groups(f: np.ndarray, y: np.ndarray, radius: float) -> np.ndarray:
+    """Group id per image: images of one class within `radius` of each other in feature space
+    (cosine distance) are linked, and links chain into groups."""
     linked = (1 - unit(f) @ unit(f).T < radius) & (y[:, None] == y[None, :])
-    _, group = connected_components(csr_matrix(linked), directed=False)
+    return connected_components(csr_matrix(linked), directed=False)[1]
+
+
+def grouped_split(group: np.ndarray, y: np.ndarray, fraction: float, seed: int):
+    """Validation made of whole groups (`similarity_groups`): each class gives validation
+    whole groups, drawn at random, until it holds its share. Returns (train, val, largest
+    group)."""
     rng, val = np.random.RandomState(seed), []
     for label in np.unique(y):
         want, taken = round((y == label).sum() * fraction), []
@@ -101,9 +104,10 @@ def compare_splits(task: str, views: dict, y: np.ndarray, y_test: np.ndarray, se
     `views[split]` = (root features, standardised pixels)."""
     (f, px), (f_test, px_test) = views["train"], views["test"]
     fraction, rows = default_val_fraction(len(y)), []
+    groups = {r: similarity_groups(f, y, r) for r in radii}  # the seed only draws among them
     for seed in seeds:
         splits = {"random": (*split_indices(y, fraction, seed), 1)}
-        splits |= {f"grouped {r}": grouped_split(f, y, fraction, r, seed) for r in radii}
+        splits |= {f"grouped {r}": grouped_split(g, y, fraction, seed) for r, g in groups.items()}
         for split, (tr, va, largest) in splits.items():
             rows.append(_row(task, split, seed, largest, f, px, y, tr, va, f_test, px_test, y_test))
     return rows

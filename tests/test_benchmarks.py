@@ -154,7 +154,7 @@ def test_a_grouped_split_keeps_shots_of_one_object_on_one_side():
     objects = rng.normal(size=(40, 16))
     f = np.repeat(objects, 5, axis=0) + 0.01 * rng.normal(size=(200, 16))  # 5 shots per object
     y = np.repeat(np.arange(4), 50)
-    train, val, largest = split_leak.grouped_split(f, y, 0.25, 0.05, seed=0)
+    train, val, largest = split_leak.grouped_split(split_leak.similarity_groups(f, y, 0.05), y, 0.25, seed=0)
     obj = np.repeat(np.arange(40), 5)
     assert largest == 5 and len(val) == 60 and not set(obj[train]) & set(obj[val])
     assert sorted(np.concatenate([train, val])) == list(range(200))
