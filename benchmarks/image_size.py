@@ -4,11 +4,13 @@ a lineage lose by sitting at a smaller size (quality benchmark, gtsrb at 48 px)?
 
 `--schedule restarts` trains the same run as a chain of one-epoch warm-up + cosine cycles,
 validated after each: a muNet lineage's schedule (every child restarts its warm-up for one
-epoch) without its selection or mutations.
+epoch) without its selection or mutations. `--hflip off on`: the same run without and with random
+horizontal flips, what a lineage trains with once the search's input mutation turns them on.
 
     python benchmarks/image_size.py                       # gtsrb at 48, 64 and 96 px
     python benchmarks/image_size.py --tasks cifar --sizes 64 96
     python benchmarks/image_size.py --sizes 64 --schedule cosine restarts --name schedule
+    python benchmarks/image_size.py --tasks gtsrb mnist cifar --sizes 96 --hflip off on --name hflip
 """
 from __future__ import annotations
 
@@ -36,6 +38,8 @@ def main() -> None:
     ap.add_argument("--runs-per-budget", type=int, default=2, help="the quality benchmark splits its budget over this many runs")
     ap.add_argument("--schedule", nargs="+", default=["cosine"], choices=["cosine", "restarts"],
                     help="cosine: one cycle over the run; restarts: one warm-up + cosine cycle per epoch")
+    ap.add_argument("--hflip", nargs="+", default=["off"], choices=["off", "on"],
+                    help="random horizontal flips while training (the cpu preset's default: off)")
     ap.add_argument("--name", default="image_size")
     args = ap.parse_args()
     torch.set_num_threads(2)
@@ -50,20 +54,20 @@ def main() -> None:
             n_train = train_images(system.task_json(t))
             epochs = budget / (args.runs_per_budget * n_train)
             for size in args.sizes:
-                for schedule in args.schedule:
+                for schedule, hflip in [(sc, fl) for sc in args.schedule for fl in args.hflip]:
                     # Restarts: one cycle per validation interval, so as many intervals as epochs.
                     intervals = max(2, int(epochs) + 1) if schedule == "cosine" else max(1, round(epochs))
                     cfg = cpu_preset().replace(max_epochs=epochs, intervals=intervals)
-                    cfg.defaults.update({"image_size": size, "schedule": schedule})
+                    cfg.defaults.update({"image_size": size, "schedule": schedule, "hflip": hflip == "on"})
                     t0 = time.perf_counter()
                     r = run_baseline(system, t, "full", cfg, lrs=[args.lr], commit=False)
-                    rows.append({"task": t, "image_size": size, "schedule": schedule, "lr": args.lr, "epochs": round(epochs, 2),
+                    rows.append({"task": t, "image_size": size, "schedule": schedule, "hflip": hflip, "lr": args.lr, "epochs": round(epochs, 2),
                                  "val_acc": r["val_acc"], "test_acc": r["test_acc"], "examples": r["examples"],
                                  "seconds": time.perf_counter() - t0})
-                    print(f"image_size: {t} {size} px {schedule}: val {r['val_acc']:.3f} test {r['test_acc']:.3f} "
+                    print(f"image_size: {t} {size} px {schedule} hflip {hflip}: val {r['val_acc']:.3f} test {r['test_acc']:.3f} "
                           f"in {rows[-1]['seconds']:.0f} s", flush=True)
-    print("\nFull fine-tuning by image size and schedule (one run, half the quality budget)\n")
-    print(table(rows, ["task", "image_size", "schedule", "lr", "epochs", "val_acc", "test_acc", "examples", "seconds"]))
+    print("\nFull fine-tuning by image size, schedule and flips (one run, half the quality budget)\n")
+    print(table(rows, ["task", "image_size", "schedule", "hflip", "lr", "epochs", "val_acc", "test_acc", "examples", "seconds"]))
     print(f"\nwrote {write(args.name, {'args': vars(args), 'rows': rows})}")
 
 

@@ -149,6 +149,17 @@ def mixed_configs(rows: list[dict], methods: list[str]) -> list[str]:
     return out
 
 
+def stale_settings(rows: list[dict], cfg) -> list[str]:
+    """muNet methods whose parts ran with other evolver settings than `cfg`, what this command
+    would run them with: the report still shows them, but rerunning would not reproduce them."""
+    now = config_digest(cfg)
+    ran = {}
+    for r in rows:
+        if r["method"].startswith("muNet") and r.get("config") not in (None, now):
+            ran.setdefault(r["method"], set()).add(r["config"])
+    return [f"{m}: its parts ran with evolver settings {sorted(d)}, the settings of this command hash to {now}" for m, d in ran.items()]
+
+
 def save_part(parts: Path, row: dict) -> None:
     path = part(parts, row["method"], row["task"])
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -374,7 +385,7 @@ def main() -> None:
             rows += [{**r, "params_per_task": ppt, "image_size": part_size(r)} for r in done]
         elif wanted(label):
             skipped.append(f"{label} (needs the budgets of muNet base {bases[0]} first)")
-    report(rows, tasks, methods, name, args, time.perf_counter() - t0, skipped)
+    report(rows, tasks, methods, name, args, time.perf_counter() - t0, skipped, stale_settings(rows, cfg))
 
 
 def line_examples(row: dict) -> int | None:
@@ -387,7 +398,8 @@ def line_examples(row: dict) -> int | None:
     return None
 
 
-def report(rows: list[dict], tasks: list[str], methods: list[str], name: str, args, wall: float, skipped: list[str]) -> None:
+def report(rows: list[dict], tasks: list[str], methods: list[str], name: str, args, wall: float, skipped: list[str],
+           stale: list[str] = ()) -> None:
     averages, unfinished = [], []
     for method in methods:
         mine = [r for r in rows if r["method"] == method]
@@ -413,12 +425,14 @@ def report(rows: list[dict], tasks: list[str], methods: list[str], name: str, ar
         print(f"not finished: {line}")
     for line in mixed:
         print(f"mixed settings: {line}")
+    for line in stale:
+        print(f"stale settings: {line}")
     png = RESULTS / f"{name}.png"
     if averages:
         png.parent.mkdir(parents=True, exist_ok=True)
         plot([r for r in rows if r["method"] in {a["method"] for a in averages}], png)
     path = write(name, {"args": {k: str(v) for k, v in vars(args).items()}, "tasks": tasks, "rows": rows,
-                        "averages": averages, "unfinished": unfinished + skipped, "mixed_configs": mixed,
+                        "averages": averages, "unfinished": unfinished + skipped, "mixed_configs": mixed, "stale_settings": list(stale),
                         "wall_seconds_this_run": wall,
                         "plot": png.name if averages else None})
     print(f"\nwrote {path}" + (f" and {png}" if averages else ""))

@@ -47,6 +47,18 @@ from munet.storage.commit import default_val_fraction  # noqa: E402
 METRICS = ("probe_val", "probe_test", "nn_val", "nn_test", "px_val", "px_test")
 
 
+def frozen_root(script: str, tasks: list[str]):
+    """The packaged root without its classifier, pooled features out; exits when a task's data
+    set is absent."""
+    missing = [t for t in tasks if not (SHARED_DATA / f"{t}.npz").exists()]
+    if missing:
+        sys.exit(f"{script}: data sets absent from {SHARED_DATA}: {missing}")
+    torch.set_num_threads(2)
+    model = load_root_model("tf_efficientnet_lite0").eval()
+    model.reset_classifier(0)
+    return model
+
+
 def features(model, images: np.ndarray, size: int, batch: int = 256) -> np.ndarray:
     x = torch.from_numpy(images if images.ndim == 4 else images[..., None])
     cfg = model.pretrained_cfg
@@ -144,13 +156,7 @@ def main() -> None:
     ap.add_argument("--group-radii", type=float, nargs="+", default=[], metavar="R",
                     help="also a split of whole groups per radius (cosine distance between root features)")
     args = ap.parse_args()
-    missing = [t for t in args.tasks if not (SHARED_DATA / f"{t}.npz").exists()]
-    if missing:
-        sys.exit(f"split_leak: data sets absent from {SHARED_DATA}: {missing}")
-    torch.set_num_threads(2)
-    model = load_root_model("tf_efficientnet_lite0").eval()
-    model.reset_classifier(0)
-    rows = []
+    model, rows = frozen_root("split_leak", args.tasks), []
     for task in args.tasks:
         rows += measure(task, model, args.seeds, args.size, args.group_radii)
         print(f"split_leak: {task} done", file=sys.stderr)

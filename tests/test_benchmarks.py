@@ -65,13 +65,34 @@ def test_an_option_added_off_or_a_setting_removed_leaves_the_committed_parts_set
 
     quality = _script("quality")
     committed = json.loads((REPO / "benchmarks" / "results" / "quality_parts" / "munet-base-1.0" / "cifar.json").read_text())
-    digest = quality.config_digest(cpu_preset())
-    assert digest == committed["config"], "the committed muNet base 1.0 parts ran with the current cpu preset"
+    # The committed parts ran before the cpu preset fixed flips off (benchmarks/README.md,
+    # "Flips a lineage picks up"): that preset with flips searchable is the one they hash to.
+    before_flips = cpu_preset().replace(fixed_hparams=tuple(k for k in cpu_preset().fixed_hparams if k != "hflip"))
+    digest = quality.config_digest(before_flips)
+    assert digest == committed["config"], "the committed muNet base 1.0 parts ran with the cpu preset but for flips"
+    assert quality.config_digest(cpu_preset()) != digest
     assert not set(quality.REMOVED) & set(EvolverConfig.__dataclass_fields__), "REMOVED holds only dropped settings"
     on = {"continue_best": True, "final_holdout": 0.3, "final_top": 5, "adapter_root_seed": 32}
     assert set(on) == set(quality.ADDED_OFF), "every added option has a value here that turns it on"
     for key, value in on.items():
         assert quality.config_digest(cpu_preset().replace(**{key: value})) != digest, f"{key} on is another setting"
+
+
+def test_the_quality_report_names_munet_parts_that_ran_with_other_settings_than_its_command():
+    from munet.evolver.config import cpu_preset
+
+    quality = _script("quality")
+    cfg, other = cpu_preset(), cpu_preset().replace(seed=7)
+    now, then = quality.config_digest(cfg), quality.config_digest(other)
+    rows = [{"method": "muNet base 1.0", "config": then}, {"method": "muNet base 1.0", "config": now},
+            {"method": "muNet base 0.3", "config": now}, {"method": "muNet base 0.7"},  # from before digests
+            {"method": "full fine-tuning", "config": then}]  # a baseline's settings are its plan, not the search's
+    assert quality.stale_settings(rows, cfg) == [f"muNet base 1.0: its parts ran with evolver settings ['{then}'], "
+                                                 f"the settings of this command hash to {now}"]
+    assert quality.stale_settings(rows, other) == [f"muNet base 1.0: its parts ran with evolver settings ['{now}'], "
+                                                   f"the settings of this command hash to {then}",
+                                                   f"muNet base 0.3: its parts ran with evolver settings ['{now}'], "
+                                                   f"the settings of this command hash to {then}"]
 
 
 def test_quality_set_overrides_the_preset_and_rejects_unknown_or_invalid_settings():
@@ -159,3 +180,28 @@ def test_a_grouped_split_keeps_shots_of_one_object_on_one_side():
     assert largest == 5 and len(val) == 60 and not set(obj[train]) & set(obj[val])
     assert sorted(np.concatenate([train, val])) == list(range(200))
     assert all((y[val] == c).sum() == 15 for c in range(4))  # each class: whole objects until it holds its share (12 -> 3 objects)
+
+
+def test_flip_probe_tells_labels_a_mirror_changes_from_labels_it_keeps():
+    flip_probe = _script("flip_probe")
+    rng = np.random.default_rng(2)
+    classes, per_class, dim = 6, 60, 24
+    centres = 3 * rng.normal(size=(classes, dim))
+
+    def sample(n):
+        y = np.repeat(np.arange(classes), n)
+        return centres[y] + rng.normal(size=(len(y), dim)), y
+
+    (f_train, y_train), (f_test, y_test) = sample(per_class), sample(20)
+    # Mirrored, classes 0 and 1 look like each other (keep left / keep right), the rest like themselves.
+    swap = np.array([1, 0, 2, 3, 4, 5])
+
+    def mirrored(f, y):
+        return f - centres[y] + centres[swap[y]]
+
+    sensitive = flip_probe.flip_costs("signs", f_train, mirrored(f_train, y_train), y_train, f_test, mirrored(f_test, y_test), y_test)
+    symmetric = flip_probe.flip_costs("photos", f_train, f_train.copy(), y_train, f_test, f_test.copy(), y_test)
+    assert sensitive["test"] > 0.95 and sensitive["mirror_drop"] > 0.25  # two of six classes read as each other
+    assert sensitive["flip_training_cost"] > 0.1  # flips taught the probe to confuse them
+    assert abs(symmetric["mirror_drop"]) < 0.01 and abs(symmetric["flip_training_cost"]) < 0.02
+    assert flip_probe.mirror(np.arange(6).reshape(1, 1, 6))[0, 0].tolist() == [5, 4, 3, 2, 1, 0]

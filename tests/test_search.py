@@ -63,8 +63,13 @@ def test_mutations_are_logged_and_meta_mutated_mu_stays_in_range():
         assert all(int(i) in hp["arch"]["blocks"] for i in hp["arch"]["adapters"])
 
 
-def test_fixed_hyperparameters_are_never_mutated_and_the_cpu_preset_fixes_bn_train():
-    assert "bn_train" in cpu_preset().fixed_hparams
+def test_fixed_hyperparameters_are_never_mutated_and_the_cpu_preset_fixes_bn_train_and_flips():
+    assert {"bn_train", "hflip"} <= set(cpu_preset().fixed_hparams)
+    preset = cpu_preset().replace(mu=1.0, mu_augment=1.0, evolve_mu=False)
+    hp, rng = search.initial_hparams(preset, LITE0, 10), random.Random(1)
+    for _ in range(50):  # every input draw at odds 1: a flip could only come from the preset
+        hp = search.apply_inputs(hp, search.mutate_inputs(hp, preset, LITE0, rng)[0])
+        assert hp["aug"]["hflip"] is False
     cfg = cpu_preset().replace(mu=1.0, evolve_mu=False, fixed_hparams=("bn_train", "lr", "image_size", "hflip"))
     hp = search.initial_hparams(cfg, LITE0, 10)
     hp["mu"].update(hparam=1.0, input=1.0, augment=1.0)
