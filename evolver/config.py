@@ -292,7 +292,8 @@ def cpu_preset() -> EvolverConfig:
     # gtsrb 0.747 / 0.842 test, mnist 0.965 / 0.980, notmnist 0.903 / 0.925, and level on the
     # three tasks where a mirror is harmless (cifar, natural images, elpv). Side by side, one
     # run of full fine-tuning on gtsrb at 96 px (benchmarks/image_size.py --hflip off on):
-    # test 0.8705 without flips, 0.8436 with them (val 0.936 / 0.924).
+    # test 0.8705 without flips, 0.8436 with them (val 0.936 / 0.924); on mnist 0.985 both
+    # ways (val 0.998 / 0.990).
     # bn_train fixed (off): in the quality run of 2026-11-29 (commit fcacb78) none of the
     # children that switched it on survived (0 of 12, 6% of the budget), as
     # MUNET.md §7 measured for fine-tuning: one epoch at batch 64 is too little to re-estimate
