@@ -26,6 +26,7 @@ VALUES = {
 }
 OPT_KEYS = ("lr", "schedule", "warmup", "momentum", "nesterov")
 AUG_KEYS = ("crop_area_min", "crop_aspect_min", "hflip", "brightness", "contrast", "saturation", "hue")
+FIXABLE_KEYS = OPT_KEYS + AUG_KEYS + ("bn_train", "adapter_width", "image_size")
 # Per-action mutation probabilities of µ2Net+; "clone" is per block position.
 # "input" moves the image size, "augment" each augmentation setting (MUNET.md §3's input
 # settings, split so random augmentation, which switches the prefix cache off, has its own odds).
@@ -44,7 +45,9 @@ class EvolverConfig:
     mu_bottom: float = 0.1
     mu_top: float | None = None
     mu_augment: float | None = None  # starting odds of each augmentation mutation (None: mu)
-    fixed_hparams: tuple[str, ...] = ()  # hyperparameters the search never mutates (paths keep theirs)
+    # Hyperparameters the search never mutates; every path a visit trains from takes the
+    # defaults' value of each (but a fixed image_size: evolver.search.fix_settings).
+    fixed_hparams: tuple[str, ...] = ()
     intervals: int = 30
     batches_per_interval: int = 200
     batch_size: int = 256
@@ -183,6 +186,9 @@ class EvolverConfig:
             raise ValueError(f"inputs_per must be 'generation' or 'candidate', not {self.inputs_per!r}")
         if self.seed_opt not in ("seed", "own"):
             raise ValueError(f"seed_opt must be 'seed' or 'own', not {self.seed_opt!r}")
+        unknown = [k for k in self.fixed_hparams if k not in FIXABLE_KEYS]
+        if unknown:
+            raise ValueError(f"fixed_hparams: {unknown[0]!r} is no searched setting; choose from {', '.join(FIXABLE_KEYS)}")
         if self.seed_tasks is not None and self.seed_tasks < 0:
             raise ValueError(f"seed_tasks must be >= 0 or None, not {self.seed_tasks!r}")
         if self.visit_lr_floor is not None and not 0.0 < self.visit_lr_floor <= 1.0:

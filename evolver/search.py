@@ -28,6 +28,24 @@ def initial_hparams(cfg: EvolverConfig, root_config: dict, num_classes: int) -> 
     }
 
 
+def fix_settings(hp: dict, cfg: EvolverConfig) -> dict:
+    """hp with each fixed training setting at the configuration's value, in place.
+
+    Fixed means the configuration decides, not the path: a path committed under other settings
+    (say, before the cpu preset fixed flips off) would otherwise train its children, and any
+    new task it seeds, with the old value for good, since the search never moves a fixed key.
+    A fixed image size stays the path's own: its accuracy and its serving were measured there.
+    """
+    for key in cfg.fixed_hparams:
+        if key in OPT_KEYS:
+            hp["opt"][key] = cfg.defaults[key]
+        elif key in AUG_KEYS:
+            hp["aug"][key] = cfg.defaults[key]
+        elif key != "image_size":
+            hp[key] = cfg.defaults[key]
+    return hp
+
+
 def initial_mu(cfg: EvolverConfig, depth: int) -> dict:
     # Bottom blocks are general features: cloning them or adapting them rarely pays and makes
     # the whole network above trainable, so their probabilities start low and evolve.

@@ -215,6 +215,7 @@ class Visit:
             hp["arch"]["image_size"] = search.initial_hparams(self.cfg, self.root_config, self.num_classes)["arch"]["image_size"]
         if not same and self.cfg.seed_opt == "own":
             hp["opt"] = copy.deepcopy(self.own_opt)
+        search.fix_settings(hp, self.cfg)
         entry = Entry(path_id, hp, slots, True, same, committed_path=path_id, val_acc=path.val_acc or 0.0,
                       score=path.score if (same and path.score is not None) else float("-inf"),
                       line_epochs=self._line_epochs(path_id) if same else 0.0)

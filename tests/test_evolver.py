@@ -158,7 +158,8 @@ def test_a_seeds_children_start_from_this_tasks_optimiser_settings_when_configur
         visit._load()
         return {e.path_id: e.hparams["opt"] for e in visit.seeds}
 
-    assert seed_opts(cfg.replace(seed_opt="seed"))[a_live] == foreign, "MUNET.md: a path's hparams travel with it"
+    searched = cfg.replace(seed_opt="seed", fixed_hparams=())
+    assert seed_opts(searched)[a_live] == foreign, "MUNET.md: a path's hparams travel with it"
     own = seed_opts(cfg.replace(seed_opt="own"))
     defaults = {k: cfg.defaults[k] for k in foreign}
     assert own[a_live] == defaults and all(o == defaults for o in own.values()), "a new task starts from the defaults"
@@ -170,6 +171,39 @@ def test_a_seeds_children_start_from_this_tasks_optimiser_settings_when_configur
     assert seed_opts(cfg.replace(seed_opt="own"))[a_live] == b_opt, "a task with a live path keeps its own settings"
     with pytest.raises(ValueError, match="seed_opt"):
         cfg.replace(seed_opt="other")
+
+
+def test_a_path_committed_under_other_fixed_settings_trains_and_seeds_at_the_configurations_values(two_tasks):
+    cfg = tiny_config()
+    assert {"hflip", "lr", "bn_train"} <= set(cfg.fixed_hparams)
+    Visit(two_tasks, "a", cfg, progress=False).run()
+    a_live = two_tasks.task_json("a")["live_path"]["id"]
+    with two_tasks.Session.begin() as s:  # as if committed before the preset fixed these
+        row = s.get(PathRow, a_live)
+        old = copy.deepcopy(row.hparams)
+        old["aug"]["hflip"], old["opt"]["lr"], old["bn_train"], old["aug"]["brightness"] = True, 0.1, True, 0.05
+        row.hparams = old
+
+    def entries(task, visit_cfg):
+        visit = Visit(two_tasks, task, visit_cfg, progress=False)
+        visit._load()
+        return {e.path_id: e.hparams for e in visit.seeds + ([visit.live_entry] if visit.live_entry else [])}
+
+    for task in ("a", "b"):  # a's own next visit and the seed a gives a new task
+        hp = entries(task, cfg)[a_live]
+        assert (hp["aug"]["hflip"], hp["opt"]["lr"], hp["bn_train"]) == (False, cfg.defaults["lr"], False)
+        assert hp["aug"]["brightness"] == 0.05, "a searched setting stays the path's own"
+        assert hp["arch"] == old["arch"]
+    loose = entries("b", cfg.replace(fixed_hparams=(), seed_opt="seed"))[a_live]
+    assert (loose["aug"]["hflip"], loose["opt"]["lr"], loose["bn_train"]) == (True, 0.1, True), "unfixed, they travel"
+
+    Visit(two_tasks, "b", cfg, progress=False).run()
+    with two_tasks.Session() as s:
+        trained = [r.hparams for r in s.scalars(select(PathRow).where(PathRow.task_id.is_not(None)))
+                   if r.id != a_live]
+    assert trained and all(not h["aug"]["hflip"] and h["opt"]["lr"] == cfg.defaults["lr"] for h in trained)
+    with pytest.raises(ValueError, match="hfilp"):
+        cfg.replace(fixed_hparams=("hfilp",))
 
 
 def test_the_seeding_phase_tries_the_root_with_every_component_trained_when_configured(two_tasks, tmp_path):
