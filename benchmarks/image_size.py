@@ -15,6 +15,7 @@ horizontal flips, what a lineage trains with once the search's input mutation tu
 from __future__ import annotations
 
 import argparse
+import itertools
 import sys
 import tempfile
 import time
@@ -54,7 +55,7 @@ def main() -> None:
             n_train = train_images(system.task_json(t))
             epochs = budget / (args.runs_per_budget * n_train)
             for size in args.sizes:
-                for schedule, hflip in [(sc, fl) for sc in args.schedule for fl in args.hflip]:
+                for schedule, hflip in itertools.product(args.schedule, args.hflip):
                     # Restarts: one cycle per validation interval, so as many intervals as epochs.
                     intervals = max(2, int(epochs) + 1) if schedule == "cosine" else max(1, round(epochs))
                     cfg = cpu_preset().replace(max_epochs=epochs, intervals=intervals)
