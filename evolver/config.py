@@ -45,8 +45,8 @@ class EvolverConfig:
     mu_bottom: float = 0.1
     mu_top: float | None = None
     mu_augment: float | None = None  # starting odds of each augmentation mutation (None: mu)
-    # Hyperparameters the search never mutates; every path a visit trains from takes the
-    # defaults' value of each (but a fixed image_size: evolver.search.fix_settings).
+    # Hyperparameters the search never mutates; every path a visit trains from takes their
+    # values from `defaults`, a fixed image_size excepted (evolver.search.fix_settings).
     fixed_hparams: tuple[str, ...] = ()
     intervals: int = 30
     batches_per_interval: int = 200
