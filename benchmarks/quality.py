@@ -315,9 +315,10 @@ def plot(rows: list[dict], path: Path) -> None:
     for method, (ppt, acc) in points.items():
         star = method.startswith("muNet")
         ax.scatter(ppt, acc, s=60, marker="*" if star else "o")
-        # muNet's labels below their point and baselines' above, so neighbours of equal size
-        # (freeze bottom half beside base 1.0) do not overlap
-        ax.annotate(method, (ppt, acc), textcoords="offset points", xytext=(5, -11 if star else 4), fontsize=8)
+        # muNet's labels left of their point and baselines' right, so neighbours of equal size
+        # (freeze bottom half beside base 1.0) do not overlap whichever of them is higher
+        ax.annotate(method, (ppt, acc), textcoords="offset points", xytext=(-6 if star else 5, 4),
+                    ha="right" if star else "left", fontsize=8)
     low, high = ax.get_xlim()
     ax.set_xlim(low, high + 0.2 * (high - low))  # room for the labels of the largest methods
     ax.set_xlabel("parameters per task (M): unique live parameters / tasks")

@@ -64,16 +64,18 @@ def test_an_option_added_off_or_a_setting_removed_leaves_the_committed_parts_set
     from munet.evolver.config import EvolverConfig, cpu_preset
 
     quality = _script("quality")
-    parts = REPO / "benchmarks" / "results" / "quality_parts"
-    committed = json.loads((parts / "munet-base-1.0" / "cifar.json").read_text())
-    digest = quality.config_digest(cpu_preset())
-    assert digest == committed["config"], "the committed muNet base 1.0 parts ran with the cpu preset"
-    # Bases 0.7 and 0.3 ran before the cpu preset fixed flips off (benchmarks/README.md,
-    # "Flips a lineage picks up"): that preset with flips searchable is the one they hash to.
+    results = REPO / "benchmarks" / "results"
+    digest = quality.config_digest(cpu_preset())  # the digest leaves base out: it names the method
+    for base in ("1.0", "0.7", "0.3"):
+        committed = json.loads((results / "quality_parts" / f"munet-base-{base}" / "cifar.json").read_text())
+        assert committed["config"] == digest, f"the committed muNet base {base} parts ran with the cpu preset"
+    # The runs before the cpu preset fixed flips off (benchmarks/README.md, "Flips a lineage
+    # picks up") still hash to that preset with flips searchable.
     before_flips = cpu_preset().replace(fixed_hparams=tuple(k for k in cpu_preset().fixed_hparams if k != "hflip"))
-    before = quality.config_digest(before_flips)  # the digest leaves base out: it names the method
-    for base in ("0.7", "0.3"):
-        older = json.loads((parts / f"munet-base-{base}" / "cifar.json").read_text())
+    before = quality.config_digest(before_flips)
+    for run in ("base-1.0-flips-searchable-2d447af", "base-0.7-flips-searchable-c4320ff",
+                "base-0.3-flips-searchable-0aa571c"):
+        older = json.loads((results / "quality_experiments" / run / "cifar.json").read_text())
         assert older["config"] == before != digest
     assert not set(quality.REMOVED) & set(EvolverConfig.__dataclass_fields__), "REMOVED holds only dropped settings"
     on = {"continue_best": True, "final_holdout": 0.3, "final_top": 5, "adapter_root_seed": 32}
