@@ -80,7 +80,7 @@ class EvolverConfig:
     # task's own trained blocks and adapters freeze for it too). The shared original never
     # changes, so the other task's outputs cannot. Only at base 1.0: under size pressure the
     # clone pays the layer's whole size where the live path pays a share, so children seldom
-    # beat the live path they continue (benchmarks/README.md, base 0.7). False: MUNET.md.
+    # beat the live path they continue (benchmarks/HISTORY.md, base 0.7). False: MUNET.md.
     train_own: bool = False
     # The seeding phase also tries the root with every component cloned and trained (one
     # epoch of full fine-tuning), so a lineage can start from pretrained features that all
@@ -90,14 +90,14 @@ class EvolverConfig:
     # Image size of that trained root seed (None: the root's, the default size): fine-tuning's
     # first epoch at fine-tuning's size, while new tasks' first paths and the plain root seed
     # stay at the cheap default (DESIGN.md's cpu preset: 64 px; fine-tuning's best fixed
-    # size on these data sets is 96, benchmarks/README.md).
+    # size on these data sets is 96, benchmarks/HISTORY.md).
     trained_root_size: int | None = None
     # The seeding phase also tries the root with an adapter of this width before every block,
     # its backbone frozen (the quality benchmark's "adapters w32" plan), at trained_root_size:
     # on a small task frozen features generalise better than a whole network trained on them
     # (elpv: adapters 0.775 and head only 0.743 test against fine-tuning's 0.763 and muNet's
-    # 0.728, benchmarks/README.md). None: MUNET.md's seeds. Tried on elpv at 32 (benchmarks/
-    # README.md, "The adapters plan as a seed on elpv"): after a first visit's quarter epoch
+    # 0.728, benchmarks/HISTORY.md). None: MUNET.md's seeds. Tried on elpv at 32 (benchmarks/
+    # HISTORY.md, "The adapters plan as a seed on elpv"): after a first visit's quarter epoch
     # it scores as the plain root seed does and no served line descended from it, so it is off.
     adapter_root_seed: int | None = None
     # At most this many other tasks' live paths seed a visit, drawn by the visit's rng: with
@@ -136,7 +136,7 @@ class EvolverConfig:
     # Epochs per candidate by the task's visit number (visit 1, 2, ...; the last entry holds
     # for every later visit), in place of max_epochs: a preset can move its budget between
     # visits and keep DESIGN.md's 4 x 4 per visit and at most 2 epochs per candidate. Measured
-    # at the budget of two one-epoch visits (benchmarks/README.md, "Candidate length by
+    # at the budget of two one-epoch visits (benchmarks/HISTORY.md, "Candidate length by
     # visit"): (1.75, 0.25) puts the work in first visits, over issue 3's 20 minutes for a
     # first visit, and later quarter-epoch children never beat their line; (0.25, 1.75) keeps
     # a first visit to minutes and gives later visits children long enough to improve on a
@@ -149,8 +149,8 @@ class EvolverConfig:
     # (a new adapter, an unfrozen block, a new image size) and still beat its parent's noisy
     # maximum; on a small task most do not, and the served line stops short (elpv: a median
     # 7,335 examples behind the served weights, a quarter of one fine-tuning run, and line
-    # length tracks test accuracy, r 0.88; benchmarks/README.md, "Why elpv holds most of the
-    # gap"). Tried on elpv alone with the cpu preset, two seeds (benchmarks/README.md,
+    # length tracks test accuracy, r 0.88; benchmarks/HISTORY.md, "Why elpv holds most of the
+    # gap"). Tried on elpv alone with the cpu preset, two seeds (benchmarks/HISTORY.md,
     # "Continuing the best path"): test 0.699 / 0.734 against 0.751 / 0.769 without; most
     # continuations did not beat their parent either, so on elpv more training of the best
     # path is not what its validation rewards. False: MUNET.md (every child is a mutation).
@@ -160,9 +160,9 @@ class EvolverConfig:
     # path, are scored on the whole split, held-back images included, and the best of those
     # is what the visit commits. A visit keeps the best of 16 children scored on the same few
     # hundred images, so its winner's validation overstates its test accuracy more than
-    # fine-tuning's best of two runs does (elpv: 2.4 points against 0.3; benchmarks/README.md,
+    # fine-tuning's best of two runs does (elpv: 2.4 points against 0.3; benchmarks/HISTORY.md,
     # "Half of the gap is the search's optimism"); images the search never selected on pull a
-    # lucky leader back. Tried on elpv alone, five seeds a side (benchmarks/README.md,
+    # lucky leader back. Tried on elpv alone, five seeds a side (benchmarks/HISTORY.md,
     # "Finalists on held-back images"): within the draw, and a tenth of base 1.0's gap to
     # fine-tuning at most. 0.0: MUNET.md (the best score on the whole split commits).
     final_holdout: float = 0.0
@@ -253,7 +253,7 @@ def cpu_preset() -> EvolverConfig:
     after each half (visit_epochs): a first visit stays to minutes (issue 3: mnist + notmnist
     under 20; at two epochs per candidate it took 29 min on 2 cores) and a second visit's
     children of a trained line are long enough to improve on it. At the budget of two
-    one-epoch visits, six tasks in one run (benchmarks/README.md, "Current cpu preset"): 0.886
+    one-epoch visits, six tasks in one run (benchmarks/HISTORY.md, "Current cpu preset"): 0.886
     test against one epoch in every visit's 0.871 and full fine-tuning's 0.897 at the same
     budget."""
     # Small inference batches: on 2 CPU cores 64 images per batch run the frozen prefix
@@ -320,7 +320,7 @@ def cpu_preset() -> EvolverConfig:
     # lr 0.02: at these budgets full fine-tuning and head-only runs both pick 0.02 over
     # MUNET.md's 0.01 by validation on 4 of the 6 benchmark tasks, and muNet's own search
     # moved 4 of 6 live paths to 0.05-0.1.
-    # The search starts where full fine-tuning starts and keeps its recipe (benchmarks/README.md,
+    # The search starts where full fine-tuning starts and keeps its recipe (benchmarks/HISTORY.md,
     # "Fine-tuning's start" runs): the optimiser is fixed at lr 0.02, one warm-up + cosine per
     # candidate (searched, lr drifted to cifar's one-epoch-greedy 0.1 through the seeds); the
     # seeding phase also tries the root trained whole at 96 px (fine-tuning's best fixed size)

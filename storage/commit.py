@@ -129,7 +129,7 @@ def add_root(Session: sessionmaker[Session], store: LayerStore, name: str, timm_
 # Validation is 10% of the training images (MUNET.md §6), but never fewer than 500 where a
 # quarter of the set allows: the search keeps the best of ~32 candidates by validation
 # accuracy, and on a small split (elpv: 197 images, steps of 0.5 points) the winner is
-# the luckiest candidate more than the best one (benchmarks/README.md, "A larger
+# the luckiest candidate more than the best one (benchmarks/HISTORY.md, "A larger
 # validation split for small tasks").
 VAL_FRACTION, MIN_VAL_IMAGES, MAX_VAL_FRACTION = 0.1, 500, 0.25
 

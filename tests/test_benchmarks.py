@@ -69,7 +69,7 @@ def test_an_option_added_off_or_a_setting_removed_leaves_the_committed_parts_set
     for base in ("1.0", "0.7", "0.3"):
         committed = json.loads((results / "quality_parts" / f"munet-base-{base}" / "cifar.json").read_text())
         assert committed["config"] == digest, f"the committed muNet base {base} parts ran with the cpu preset"
-    # The runs before the cpu preset fixed flips off (benchmarks/README.md, "Flips a lineage
+    # The runs before the cpu preset fixed flips off (benchmarks/HISTORY.md, "Flips a lineage
     # picks up") still hash to that preset with flips searchable.
     before_flips = cpu_preset().replace(fixed_hparams=tuple(k for k in cpu_preset().fixed_hparams if k != "hflip"))
     before = quality.config_digest(before_flips)
