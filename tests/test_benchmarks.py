@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -211,3 +212,17 @@ def test_flip_probe_tells_labels_a_mirror_changes_from_labels_it_keeps():
     assert sensitive["flip_training_cost"] > 0.1  # flips taught the probe to confuse them
     assert abs(symmetric["mirror_drop"]) < 0.01 and abs(symmetric["flip_training_cost"]) < 0.02
     assert flip_probe.mirror(np.arange(6).reshape(1, 1, 6))[0, 0].tolist() == [5, 4, 3, 2, 1, 0]
+
+
+def test_every_benchmark_section_the_code_cites_exists_in_the_notebook():
+    # Comments justify settings by naming a run in benchmarks/HISTORY.md; a renamed or moved
+    # section would leave the reason unfindable.
+    notebook = " ".join((REPO / "benchmarks" / "HISTORY.md").read_text().split())
+    cited = {}
+    for path in [*REPO.glob("*/*.py"), REPO / "README.md"]:
+        text = " ".join(path.read_text().replace("#", " ").split())
+        for name in re.findall(r'benchmarks/HISTORY\.md, "([^"]+)"?', text):
+            cited.setdefault(name, path.relative_to(REPO))
+    assert len(cited) >= 5
+    missing = {name: str(path) for name, path in cited.items() if name not in notebook}
+    assert not missing
