@@ -16,6 +16,28 @@ SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 SHARED_TASKS = ("cifar", "gtsrb", "natural_images", "mnist", "notmnist", "elpv")
 
 
+def one_task(home: str, task_name: str) -> tuple:
+    """A fresh installation in `home` with the packaged root and one shared data set:
+    (system, root row, task row, its training data as the evolver splits it)."""
+    from sqlalchemy import select
+
+    from munet.evolver.train import TaskData
+    from munet.settings import Settings
+    from munet.storage.schema import Root, Task
+    from munet.system import System
+
+    system = System(Settings.from_env(home))
+    system.init()
+    system.add_root("lite0", "tf_efficientnet_lite0", "packaged")
+    system.add_task(task_name, str(SHARED_DATA / f"{task_name}.npz"))
+    with system.Session() as s:
+        task = s.scalar(select(Task))
+        root = s.get(Root, task.root_id)
+    data = TaskData.from_arrays(task.name, system.dataset(task), task.val_fraction, task.split_seed,
+                                root.config["mean"], root.config["std"])
+    return system, root, task, data
+
+
 def machine() -> dict:
     return {"cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(), "platform": platform.platform(),
             "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None, "torch": torch.__version__}

@@ -28,19 +28,15 @@ import time
 from pathlib import Path
 
 import torch
-from sqlalchemy import select
 from torch.utils.flop_counter import FlopCounterMode
 from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import SHARED_DATA, table, write  # noqa: E402
+from _common import SHARED_DATA, one_task, table, write  # noqa: E402
 
 from munet.evolver import baselines, search  # noqa: E402
 from munet.evolver.config import cpu_preset  # noqa: E402
-from munet.evolver.train import PrefixCache, TaskData, train_candidate  # noqa: E402
-from munet.settings import Settings  # noqa: E402
-from munet.storage.schema import Root, Task  # noqa: E402
-from munet.system import System  # noqa: E402
+from munet.evolver.train import PrefixCache, train_candidate  # noqa: E402
 
 
 def measure(system, root, task, data, kind: str, args) -> list[dict]:
@@ -98,15 +94,7 @@ def main() -> None:
     if not data_file.exists():
         sys.exit(f"prefix_cache: {data_file} is absent")
     with tempfile.TemporaryDirectory() as home:
-        system = System(Settings.from_env(home))
-        system.init()
-        system.add_root("lite0", "tf_efficientnet_lite0", "packaged")
-        system.add_task(args.task, str(data_file))
-        with system.Session() as s:
-            task = s.scalar(select(Task))
-            root = s.get(Root, task.root_id)
-        data = TaskData.from_arrays(task.name, system.dataset(task), task.val_fraction, task.split_seed,
-                                    root.config["mean"], root.config["std"])
+        system, root, task, data = one_task(home, args.task)
         rows = []
         for kind in args.kinds:
             rows += measure(system, root, task, data, kind, args)

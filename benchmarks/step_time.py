@@ -23,19 +23,15 @@ from pathlib import Path
 import timm
 import torch
 import torch.nn.functional as F
-from sqlalchemy import select
 from torch.nn.modules.batchnorm import _BatchNorm
 from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import SHARED_DATA, table, write  # noqa: E402
+from _common import SHARED_DATA, one_task, table, write  # noqa: E402
 
 from munet.evolver import baselines, search  # noqa: E402
 from munet.evolver.config import cpu_preset  # noqa: E402
 from munet.evolver.train import PrefixCache, TaskData, evaluate, prefix_activations, train_candidate  # noqa: E402
-from munet.settings import Settings  # noqa: E402
-from munet.storage.schema import Root, Task  # noqa: E402
-from munet.system import System  # noqa: E402
 
 # arm -> (baseline plan, train every component)
 PLANS = {"full fine-tuning": ("full", False), "adapters w32, backbone frozen": ("adapters:32", False),
@@ -104,15 +100,7 @@ def main() -> None:
     cfg = cpu_preset()
     rows = []
     with tempfile.TemporaryDirectory() as home:
-        system = System(Settings.from_env(home))
-        system.init()
-        system.add_root("lite0", "tf_efficientnet_lite0", "packaged")
-        system.add_task(args.task, str(data_file))
-        with system.Session() as s:
-            task = s.scalar(select(Task))
-            root = s.get(Root, task.root_id)
-        data = TaskData.from_arrays(task.name, system.dataset(task), task.val_fraction, task.split_seed,
-                                    root.config["mean"], root.config["std"])
+        system, root, task, data = one_task(home, args.task)
         images = args.steps * cfg.batch_size
         arms = [(size, arm) for size in args.sizes for arm in dict.fromkeys(["timm loop", *args.arms])]
         for size, arm in tqdm(arms, desc="arms"):
