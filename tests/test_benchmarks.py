@@ -113,7 +113,6 @@ def test_quality_set_overrides_the_preset_and_rejects_unknown_or_invalid_setting
         assert str(e.value).startswith("quality: --set"), e.value
 
 
-
 @pytest.mark.slow
 @pytest.mark.skipif(not (DATA / "elpv.npz").exists(), reason="the shared data sets are not on this machine")
 def test_step_time_times_every_trainer_arm_against_the_plain_timm_loop(monkeypatch):
@@ -127,6 +126,7 @@ def test_step_time_times_every_trainer_arm_against_the_plain_timm_loop(monkeypat
     assert (timm_loop["arm"], trainer["arm"]) == ("timm loop", "adapters w32, all trained")
     assert timm_loop["vs_timm"] == 1.0
     assert trainer["vs_timm"] == pytest.approx(timm_loop["seconds"] / trainer["seconds"])
+
 
 def test_line_length_counts_each_served_line_once_and_relates_its_length_to_accuracy(tmp_path):
     line_length = _script("line_length")
