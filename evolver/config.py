@@ -167,6 +167,16 @@ class EvolverConfig:
     # fine-tuning at most. 0.0: MUNET.md (the best score on the whole split commits).
     final_holdout: float = 0.0
     final_top: int = 3
+    # After a child improves on a parent of its own task, the visit also scores the uniform
+    # average of the child's trained weights and its nearest `line_soup - 1` line ancestors'
+    # (stochastic weight averaging, Izmailov et al. 2018): every child trains one warm-up +
+    # cosine cycle from its parent's weights, so a line is a cyclical-lr trajectory and its
+    # children the cycle ends SWA averages. The average competes as a child of the child (it
+    # must beat it by min_improvement, or tie on a lower validation loss), costs one
+    # validation pass and no training examples, and with BatchNorm statistics frozen
+    # (bn_train off) plain averaging needs no statistics pass. Components an ancestor lacks or
+    # holds in another shape keep the child's weights. 0: off (MUNET.md).
+    line_soup: int = 0
     inherit_momentum: bool = True
     image_sizes: list[int] = field(default_factory=lambda: list(VALUES["image_size"]))
     defaults: dict = field(default_factory=lambda: {
@@ -203,6 +213,8 @@ class EvolverConfig:
             raise ValueError(f"final_top must be >= 1, not {self.final_top!r}")
         if self.adapter_root_seed is not None and self.adapter_root_seed < 1:
             raise ValueError(f"adapter_root_seed must be a width >= 1 or None, not {self.adapter_root_seed!r}")
+        if self.line_soup == 1 or self.line_soup < 0:
+            raise ValueError(f"line_soup must be 0 (off) or a number of line points >= 2, not {self.line_soup!r}")
         if not 0.0 < self.line_anneal_floor <= 1.0:
             raise ValueError(f"line_anneal_floor must be in (0, 1], not {self.line_anneal_floor!r}")
 

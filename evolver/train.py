@@ -367,6 +367,18 @@ def _train(cand: Candidate, data: TaskData, cfg: EvolverConfig, cache: PrefixCac
                        improved, curve, examples, 0.0, momentum, best_loss if improved else last["val_loss"])
 
 
+def validate(cand: Candidate, data: TaskData, cfg: EvolverConfig, cache: PrefixCache | None) -> tuple[float, float]:
+    """Validation accuracy and cross-entropy of a candidate as it stands, untrained (its frozen
+    prefix from the cache, as train_candidate scores its snapshots)."""
+    k, size = cand.first_trainable, cand.hparams["arch"]["image_size"]
+    for m in cand.modules:
+        m.to(cfg.device)
+    with in_memory_format(cand.modules, memory_format_of(cfg)):
+        set_modes(cand, training=False)
+        h_val = prefix_activations(cache if cfg.reuse_prefix else None, cand.ids[:k], cand.modules[:k], data, "val", size, cfg)
+        return evaluate(cand.modules[k:], h_val, data.y["val"].to(h_val.device), cfg.eval_batch_size)
+
+
 def _inherit_momentum(cand: Candidate, opt: torch.optim.Optimizer, cfg: EvolverConfig) -> None:
     """µ2Net: cloned components bring their parent's momentum buffers along."""
     if not cfg.inherit_momentum or not cand.momentum:

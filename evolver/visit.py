@@ -22,12 +22,13 @@ from munet.storage.schema import ROOT_LOCK, Candidate as CandidateRow, Component
 
 from . import search
 from .config import EvolverConfig
-from .train import Candidate, PrefixCache, TaskData, logits, prefix_activations, accuracy, train_candidate
+from .train import Candidate, PrefixCache, TaskData, TrainResult, logits, prefix_activations, accuracy, train_candidate, validate
 
 log = logging.getLogger("munet.evolver")
 PROBE_SIZE = 8
 TRAIN_ALL = "train:all"  # a seed candidate that clones and trains every component (cfg.trained_root_seed)
 CONTINUE = "continue"  # a child that trains its parent further, unmutated (cfg.continue_best)
+SOUP = "soup"  # a child's weights averaged with its line's (cfg.line_soup); its note is "soup:<points>"
 
 
 @dataclass
@@ -430,9 +431,77 @@ class Visit:
             # A new task becomes servable with its first good candidate (DESIGN.md).
             self._commit(entry, reason="first", lock=False)
             self.committed_live, self.live_entry = True, entry
+        if entry is not None and self.cfg.line_soup and parent.same_task:
+            self._try_soup(gen, entry)
         if self.on_candidate:
             self.on_candidate(self.task_name, status)
         return status == "improved"
+
+    # -- line soups (cfg.line_soup) --------------------------------------------------------
+    def _line(self, entry: Entry) -> list[Entry]:
+        """The entry and its nearest ancestors on its task's training line, cfg.line_soup at most."""
+        line = []
+        for e in self._ancestors(entry):
+            if not e.same_task or len(line) == self.cfg.line_soup:
+                break
+            line.append(e)
+        return line
+
+    def _soup(self, child: Entry, line: list[Entry]) -> tuple[Candidate, dict[str, Slot], list[str]]:
+        """The child with each trained component's weights averaged over the line points that
+        hold it in the same shapes; frozen (referenced) components stay shared."""
+        cand = child.candidate
+        ids, mods, slots, momentum, averaged = [], [], {}, {}, []
+        for name, module, trainable in zip(cand.names, cand.modules, cand.trainable):
+            slot = child.slots[name]
+            if trainable:
+                states = [module.state_dict()]
+                for e in line[1:]:
+                    other = e.slots.get(name)
+                    state = other.module.state_dict() if other is not None else {}
+                    if state.keys() == states[0].keys() and all(v.shape == states[0][k].shape for k, v in state.items()):
+                        states.append(state)
+                module = copy.deepcopy(module)
+                if len(states) > 1:
+                    module.load_state_dict({k: torch.stack([st[k].float() for st in states]).mean(0).to(v.dtype)
+                                            if v.is_floating_point() else v for k, v in states[0].items()})
+                    averaged.append(f"avg:{name}/{len(states)}")
+                new = Slot(new_id(), name, dict(slot.meta), module, False, False, slot.origin)
+                if slot.id in child.momentum:
+                    momentum[new.id] = child.momentum[slot.id]
+                slot = new
+            ids.append(slot.id)
+            mods.append(slot.module)
+            slots[name] = slot
+        return Candidate(ids, list(cand.names), mods, list(cand.trainable), child.hparams, momentum), slots, averaged
+
+    def _try_soup(self, gen: int, child: Entry) -> Entry | None:
+        """Score the child's line soup; it joins the population if it beats the child."""
+        line = self._line(child)
+        if len(line) < 2:
+            return None
+        t0 = time.perf_counter()
+        cand, slots, averaged = self._soup(child, line)
+        if not averaged:
+            return None
+        factor, accounted = self.score_factor(slots, child.hparams["arch"]["image_size"])
+        acc, val_loss = validate(cand, self.data, self.cfg, self.cache)
+        sc = acc * factor
+        better = sc > child.score + self.cfg.min_improvement or (
+            self.cfg.val_loss_ties and sc >= child.score - self.cfg.val_loss_tie_margin and val_loss < child.val_loss)
+        result = TrainResult(acc, sc, better, [{"interval": 0, "val_acc": acc, "score": sc, "val_loss": val_loss}],
+                             0, time.perf_counter() - t0, {}, val_loss)
+        path_id = new_id()
+        row_id = self._record(gen, child, path_id, child.hparams, [f"{SOUP}:{len(line)}"] + averaged, result, accounted,
+                              "improved" if better else "discarded")
+        if not better:
+            return None
+        entry = Entry(path_id, copy.deepcopy(child.hparams), slots, False, True, parent=child, committed_path=child.committed_path,
+                      candidate=cand, val_acc=acc, score=sc, val_loss=val_loss, momentum=cand.momentum,
+                      line_epochs=child.line_epochs, candidate_row=row_id)
+        self.entries[path_id] = entry
+        self.population.append(entry)
+        return entry
 
     def _record(self, gen, parent, path_id, hp, mutations, result, accounted, status) -> int:
         # An in-visit parent is never committed, so its id lives only in these notes: the

@@ -739,3 +739,76 @@ def test_channels_last_training_matches_the_default_layout_and_leaves_weights_co
                                   for p in m.parameters()]))
     assert abs(results[0].val_acc - results[1].val_acc) <= 0.02
     assert torch.allclose(weights[0], weights[1], atol=1e-3), "same training, only the layout differs"
+
+
+def test_a_line_soup_averages_a_childs_trained_weights_with_its_parents_and_trains_nothing(two_tasks):
+    from munet.evolver.visit import Entry
+    from munet.storage.schema import new_id
+
+    cfg = tiny_config(line_soup=2)
+    Visit(two_tasks, "a", cfg, progress=False).run()
+    visit = Visit(two_tasks, "a", cfg, progress=False)
+    visit._load()
+    live = visit.live_entry
+    hp = copy.deepcopy(live.hparams)
+    cand, slots, actions = visit.build(live, hp, set(), "child")
+    result = train_candidate(cand, visit.data, visit.cfg, visit.cache, 1.0, float("-inf"))
+    trained = [n for n, t in zip(cand.names, cand.trainable) if t]
+    assert trained and any(a.startswith("ref:") for a in actions), "a child with frozen and trained components"
+    before = {n: {k: v.clone() for k, v in slots[n].module.state_dict().items()} for n in trained}
+
+    def soup(child_score: float, child_loss: float):
+        child = Entry(new_id(), hp, slots, False, True, parent=live, committed_path=live.path_id, candidate=cand,
+                      val_acc=result.val_acc, score=child_score, val_loss=child_loss, momentum=result.momentum)
+        visit.entries[child.path_id] = child
+        return child, visit._try_soup(0, child)
+
+    child, kept = soup(-1.0, math.inf)  # any average beats a child scored -1
+    assert kept is not None and kept in visit.population and kept.parent is child
+    for name, slot in kept.slots.items():
+        if name in trained:
+            assert slot.id != slots[name].id and slot.module is not slots[name].module
+            for key, value in slot.module.state_dict().items():
+                pair = (before[name][key], live.slots[name].module.state_dict()[key])
+                want = (pair[0] + pair[1]) / 2 if value.is_floating_point() else pair[0]
+                assert torch.allclose(value, want, atol=1e-6), (name, key)
+        else:
+            assert slot is slots[name], "frozen components stay shared"
+    assert all(torch.equal(v, slots[n].module.state_dict()[k]) for n in trained for k, v in before[n].items()), \
+        "the child keeps its own weights"
+    with two_tasks.Session() as s:
+        row = s.scalars(select(CandidateRow).order_by(CandidateRow.id.desc())).first()
+    assert row.mutations[0] == "soup:2" and f"parent:{child.path_id}" in row.mutations and f"path:{kept.path_id}" in row.mutations
+    assert row.examples == 0 and row.outcome == "improved" and row.val_acc == kept.val_acc
+
+    # The average scores as the server will answer: commit it and compare fresh logits.
+    live.score = float("-inf")
+    visit.live_score, visit.population = (live.path_id, live.score), [live, kept]
+    visit._finish()
+    assert two_tasks.task_json("a")["live_path"]["id"] == kept.path_id
+    path, stored = two_tasks.load_path(kept.path_id, cache={})
+    x = visit.data.x["val"][:6]
+    want = logits(kept.candidate.modules, x, stored.image_size, visit.data.mean, visit.data.std, 6, "cpu")
+    assert torch.allclose(logits(path.modules, x, stored.image_size, path.mean, path.std, 6, "cpu"), want, atol=1e-4)
+
+    _, lost = soup(2.0, 0.0)  # nothing beats a perfect child
+    assert lost is None
+    with two_tasks.Session() as s:
+        row = s.scalars(select(CandidateRow).order_by(CandidateRow.id.desc())).first()
+    assert row.mutations[0] == "soup:2" and row.outcome == "discarded"
+
+
+def test_a_line_soup_is_tried_only_after_a_child_beats_a_parent_of_its_own_task(two_tasks):
+    cfg = tiny_config(line_soup=3, generations=2, candidates=2)
+    Visit(two_tasks, "a", cfg, progress=False).run()
+    Visit(two_tasks, "a", cfg, progress=False).run()
+    with two_tasks.Session() as s:
+        rows = s.scalars(select(CandidateRow).order_by(CandidateRow.id)).all()
+    trained = {n[5:]: r for r in rows for n in r.mutations if n.startswith("path:") and not r.mutations[0].startswith("soup:")}
+    soups = [r for r in rows if r.mutations[0].startswith("soup:")]
+    assert soups, "some child of the live path improved in four tries"
+    for row in soups:
+        parent = trained[next(n[7:] for n in row.mutations if n.startswith("parent:"))]
+        assert parent.outcome == "improved" and "seed" not in parent.mutations and row.examples == 0
+        assert 2 <= int(row.mutations[0][5:]) <= 3
+    assert sum(r.examples for r in rows) == sum(r.examples for r in trained.values()), "soups train nothing"
