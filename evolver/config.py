@@ -177,6 +177,14 @@ class EvolverConfig:
     # (bn_train off) plain averaging needs no statistics pass. Components an ancestor lacks or
     # holds in another shape keep the child's weights. 0: off (MUNET.md).
     line_soup: int = 0
+    # At the end of each generation, a greedy soup (Wortsman et al. 2022, "Model soups") of the
+    # visit's best path and its siblings: the other children of its parent, kept or discarded,
+    # each trained from the same weights for the same epochs under another mutation, added
+    # best-first while the average's validation accuracy does not fall (a line's ancestors are
+    # less trained than its tip, and averaging them in lost in every second visit tried,
+    # benchmarks/HISTORY.md, "Weight soups"). Only components a sibling trained are averaged;
+    # the soup then competes as a child of the best path, as line_soup's does. False: MUNET.md.
+    sibling_soup: bool = False
     inherit_momentum: bool = True
     image_sizes: list[int] = field(default_factory=lambda: list(VALUES["image_size"]))
     defaults: dict = field(default_factory=lambda: {

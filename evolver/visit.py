@@ -28,7 +28,7 @@ log = logging.getLogger("munet.evolver")
 PROBE_SIZE = 8
 TRAIN_ALL = "train:all"  # a seed candidate that clones and trains every component (cfg.trained_root_seed)
 CONTINUE = "continue"  # a child that trains its parent further, unmutated (cfg.continue_best)
-SOUP = "soup"  # a child's weights averaged with its line's (cfg.line_soup); its note is "soup:<points>"
+SOUP = "soup"  # a path's weights averaged with its line's or siblings'; its note is "soup:<models averaged>"
 
 
 @dataclass
@@ -146,6 +146,8 @@ class Visit:
             self.population.append(live)
             self.live_entry = live
         self.members: dict[str, search.Member] = {}
+        self.trained: dict[str, list[tuple[float, Candidate]]] = {}  # parent path -> its children (cfg.sibling_soup)
+        self.souped: set[tuple[str, int]] = set()
 
     def _logits(self, entry: Entry, split: str) -> torch.Tensor:
         """A path's logits on one split of this task's data, run whole (no prefix cache)."""
@@ -346,6 +348,8 @@ class Visit:
                 bar.set_postfix(best=f"{best.score:.4f}" if best else "-")
                 bar.update()
             bar.close()
+            if self.cfg.sibling_soup:
+                self._try_sibling_soup(gen)
         result = self._finish()
         result.update({"task": self.task_name, "candidates": tried, "improved": improved,
                        "seconds": time.perf_counter() - t0, "examples": self.examples, "cache_hits": self.cache.hits, "cache_misses": self.cache.misses})
@@ -431,13 +435,15 @@ class Visit:
             # A new task becomes servable with its first good candidate (DESIGN.md).
             self._commit(entry, reason="first", lock=False)
             self.committed_live, self.live_entry = True, entry
+        if self.cfg.sibling_soup and result is not None:  # kept or discarded, an ingredient of its parent's soups
+            self.trained.setdefault(parent.path_id, []).append((result.val_acc, cand))
         if entry is not None and self.cfg.line_soup and parent.same_task:
-            self._try_soup(gen, entry)
+            self._try_line_soup(gen, entry)
         if self.on_candidate:
             self.on_candidate(self.task_name, status)
         return status == "improved"
 
-    # -- line soups (cfg.line_soup) --------------------------------------------------------
+    # -- weight soups (cfg.line_soup, cfg.sibling_soup) ------------------------------------
     def _line(self, entry: Entry) -> list[Entry]:
         """The entry and its nearest ancestors on its task's training line, cfg.line_soup at most."""
         line = []
@@ -447,18 +453,17 @@ class Visit:
             line.append(e)
         return line
 
-    def _soup(self, child: Entry, line: list[Entry]) -> tuple[Candidate, dict[str, Slot], list[str]]:
-        """The child with each trained component's weights averaged over the line points that
-        hold it in the same shapes; frozen (referenced) components stay shared."""
+    def _soup(self, child: Entry, sources: list[dict[str, nn.Module]]) -> tuple[Candidate, dict[str, Slot], list[str]]:
+        """The child with each trained component's weights averaged with the `sources` (name ->
+        module) that hold it in the same shapes; frozen (referenced) components stay shared."""
         cand = child.candidate
         ids, mods, slots, momentum, averaged = [], [], {}, {}, []
         for name, module, trainable in zip(cand.names, cand.modules, cand.trainable):
             slot = child.slots[name]
             if trainable:
                 states = [module.state_dict()]
-                for e in line[1:]:
-                    other = e.slots.get(name)
-                    state = other.module.state_dict() if other is not None else {}
+                for source in sources:
+                    state = source[name].state_dict() if name in source else {}
                     if state.keys() == states[0].keys() and all(v.shape == states[0][k].shape for k, v in state.items()):
                         states.append(state)
                 module = copy.deepcopy(module)
@@ -475,33 +480,64 @@ class Visit:
             slots[name] = slot
         return Candidate(ids, list(cand.names), mods, list(cand.trainable), child.hparams, momentum), slots, averaged
 
-    def _try_soup(self, gen: int, child: Entry) -> Entry | None:
-        """Score the child's line soup; it joins the population if it beats the child."""
-        line = self._line(child)
-        if len(line) < 2:
-            return None
-        t0 = time.perf_counter()
-        cand, slots, averaged = self._soup(child, line)
-        if not averaged:
-            return None
+    def _taste(self, child: Entry, sources: list[dict[str, nn.Module]]):
+        """A soup of the child and `sources`, with its validation accuracy, score and loss."""
+        cand, slots, averaged = self._soup(child, sources)
         factor, accounted = self.score_factor(slots, child.hparams["arch"]["image_size"])
         acc, val_loss = validate(cand, self.data, self.cfg, self.cache)
-        sc = acc * factor
+        return cand, slots, averaged, acc, acc * factor, val_loss, accounted
+
+    def _try_soup(self, gen: int, child: Entry, sources: list[dict[str, nn.Module]], notes: list[str],
+                  t0: float, tasted=None) -> Entry | None:
+        """Score a soup of the child and `sources` as a child of the child: it joins the
+        population if it beats the child as a trained child must beat its parent."""
+        cand, slots, averaged, acc, sc, val_loss, accounted = tasted or self._taste(child, sources)
+        if not averaged:
+            return None
         better = sc > child.score + self.cfg.min_improvement or (
             self.cfg.val_loss_ties and sc >= child.score - self.cfg.val_loss_tie_margin and val_loss < child.val_loss)
         result = TrainResult(acc, sc, better, [{"interval": 0, "val_acc": acc, "score": sc, "val_loss": val_loss}],
                              0, time.perf_counter() - t0, {}, val_loss)
         path_id = new_id()
-        row_id = self._record(gen, child, path_id, child.hparams, [f"{SOUP}:{len(line)}"] + averaged, result, accounted,
-                              "improved" if better else "discarded")
+        row_id = self._record(gen, child, path_id, child.hparams, [f"{SOUP}:{len(sources) + 1}"] + notes + averaged,
+                              result, accounted, "improved" if better else "discarded")
         if not better:
             return None
-        entry = Entry(path_id, copy.deepcopy(child.hparams), slots, False, True, parent=child, committed_path=child.committed_path,
-                      candidate=cand, val_acc=acc, score=sc, val_loss=val_loss, momentum=cand.momentum,
-                      line_epochs=child.line_epochs, candidate_row=row_id)
+        entry = Entry(path_id, copy.deepcopy(child.hparams), slots, False, True, parent=child,
+                      committed_path=child.committed_path, candidate=cand, val_acc=acc, score=sc, val_loss=val_loss,
+                      momentum=cand.momentum, line_epochs=child.line_epochs, candidate_row=row_id)
         self.entries[path_id] = entry
         self.population.append(entry)
         return entry
+
+    def _try_line_soup(self, gen: int, child: Entry) -> Entry | None:
+        t0, line = time.perf_counter(), self._line(child)
+        if len(line) < 2:
+            return None
+        return self._try_soup(gen, child, [{n: s.module for n, s in e.slots.items()} for e in line[1:]], ["line"], t0)
+
+    def _try_sibling_soup(self, gen: int) -> Entry | None:
+        """Greedy soup (Wortsman et al. 2022) of the visit's best path and its siblings: the
+        other children of its parent, kept or discarded, added best-first while the soup's
+        validation accuracy does not fall; only components a sibling trained are averaged."""
+        best = max(self.population, key=self._rank, default=None)
+        if best is None or best.committed or best.parent is None or best.candidate is None or not best.train_examples:
+            return None  # a committed path's or a soup's siblings were trained from another start
+        siblings = [(acc, cand) for acc, cand in self.trained.get(best.parent.path_id, []) if cand is not best.candidate]
+        key = (best.path_id, len(siblings))
+        if not siblings or key in self.souped:
+            return None
+        self.souped.add(key)
+        t0 = time.perf_counter()
+        picked, tasted = [], None
+        for acc, cand in sorted(siblings, key=lambda p: -p[0]):
+            source = {n: m for n, m, t in zip(cand.names, cand.modules, cand.trainable) if t}
+            trial = self._taste(best, picked + [source])
+            if trial[3] >= (tasted[3] if tasted else best.val_acc):
+                picked, tasted = picked + [source], trial
+        if not picked:
+            return None
+        return self._try_soup(gen, best, picked, ["siblings", f"tried:{len(siblings)}"], t0, tasted)
 
     def _record(self, gen, parent, path_id, hp, mutations, result, accounted, status) -> int:
         # An in-visit parent is never committed, so its id lives only in these notes: the

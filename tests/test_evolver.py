@@ -761,7 +761,7 @@ def test_a_line_soup_averages_a_childs_trained_weights_with_its_parents_and_trai
         child = Entry(new_id(), hp, slots, False, True, parent=live, committed_path=live.path_id, candidate=cand,
                       val_acc=result.val_acc, score=child_score, val_loss=child_loss, momentum=result.momentum)
         visit.entries[child.path_id] = child
-        return child, visit._try_soup(0, child)
+        return child, visit._try_line_soup(0, child)
 
     child, kept = soup(-1.0, math.inf)  # any average beats a child scored -1
     assert kept is not None and kept in visit.population and kept.parent is child
@@ -812,3 +812,53 @@ def test_a_line_soup_is_tried_only_after_a_child_beats_a_parent_of_its_own_task(
         assert parent.outcome == "improved" and "seed" not in parent.mutations and row.examples == 0
         assert 2 <= int(row.mutations[0][5:]) <= 3
     assert sum(r.examples for r in rows) == sum(r.examples for r in trained.values()), "soups train nothing"
+
+
+def test_a_sibling_soup_averages_the_best_child_with_what_its_siblings_trained_greedily(two_tasks):
+    from munet.evolver.visit import Entry
+    from munet.storage.schema import new_id
+
+    cfg = tiny_config(sibling_soup=True)
+    Visit(two_tasks, "a", cfg, progress=False).run()
+    visit = Visit(two_tasks, "a", cfg, progress=False)
+    visit._load()
+    live = visit.live_entry
+    children = []
+    for name in ("first", "second"):  # two children of the live path: new ids, another data order each
+        hp = copy.deepcopy(live.hparams)
+        cand, slots, _ = visit.build(live, hp, set(), name)
+        result = train_candidate(cand, visit.data, visit.cfg, visit.cache, 1.0, float("-inf"))
+        visit.trained.setdefault(live.path_id, []).append((result.val_acc, cand))
+        children.append((hp, cand, slots, result))
+    (hp, cand, slots, result), (_, other, _, _) = children
+    trained = [n for n, t in zip(cand.names, cand.trainable) if t]
+    assert trained and trained == [n for n, t in zip(other.names, other.trainable) if t]
+    assert not all(torch.equal(cand.modules[i].state_dict()[k], other.modules[i].state_dict()[k])
+                   for i, t in enumerate(cand.trainable) if t for k in cand.modules[i].state_dict()), "two trainings"
+
+    def best(val_acc: float) -> Entry:
+        entry = Entry(new_id(), hp, slots, False, True, parent=live, committed_path=live.path_id, candidate=cand,
+                      val_acc=val_acc, score=-1.0, train_examples=result.examples, momentum=result.momentum)
+        visit.entries[entry.path_id], visit.population = entry, [live, entry]
+        live.score = -2.0
+        return entry
+
+    assert visit._try_sibling_soup(0) is None, "the best is the committed live path: its siblings trained elsewhere"
+    first = best(1.01)  # no soup reaches a validation accuracy above 1: the greedy step adds no sibling
+    assert visit._try_sibling_soup(0) is None
+    with two_tasks.Session() as s:
+        assert not any(r.mutations[0].startswith("soup:") for r in s.scalars(select(CandidateRow)))
+    first = best(0.0)  # every soup does: the sibling joins, and the soup beats a child scored -1
+    soup = visit._try_sibling_soup(0)
+    assert soup is not None and soup.parent is first and soup in visit.population
+    assert visit._try_sibling_soup(0) is None, "the same best with the same siblings is souped once"
+    for i, name in enumerate(cand.names):
+        if not cand.trainable[i]:
+            assert soup.slots[name] is slots[name]
+            continue
+        for key, value in soup.slots[name].module.state_dict().items():
+            a, b = cand.modules[i].state_dict()[key], other.modules[i].state_dict()[key]
+            assert torch.allclose(value, (a + b) / 2 if value.is_floating_point() else a, atol=1e-6), (name, key)
+    with two_tasks.Session() as s:
+        row = s.scalars(select(CandidateRow).order_by(CandidateRow.id.desc())).first()
+    assert row.mutations[:3] == ["soup:2", "siblings", "tried:1"] and row.examples == 0 and row.outcome == "improved"
