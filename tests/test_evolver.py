@@ -812,6 +812,7 @@ def test_a_line_soup_is_tried_only_after_a_child_beats_a_parent_of_its_own_task(
         assert parent.outcome == "improved" and "seed" not in parent.mutations and row.examples == 0
         assert 2 <= int(row.mutations[0][5:]) <= 3
     assert sum(r.examples for r in rows) == sum(r.examples for r in trained.values()), "soups train nothing"
+    assert len(rows) - len(soups) == 8, "soups are tried beside the 2 x 2 x 2 trained candidates, not instead of them"
 
 
 def test_a_sibling_soup_averages_the_best_child_with_what_its_siblings_trained_greedily(two_tasks):
