@@ -178,13 +178,14 @@ class EvolverConfig:
     # holds in another shape keep the child's weights. 0: off (MUNET.md).
     line_soup: int = 0
     # At the end of each generation, a greedy soup (Wortsman et al. 2022, "Model soups") of the
-    # visit's best path and its siblings: the other children of its parent, kept or discarded,
-    # each trained from the same weights for the same epochs under another mutation, added
-    # best-first while the average's validation accuracy does not fall (a line's ancestors are
-    # less trained than its tip, and averaging them in lost in every second visit tried,
-    # benchmarks/HISTORY.md, "Weight soups"). Only components a sibling trained are averaged;
-    # the soup then competes as a child of the best path, as line_soup's does. False: MUNET.md.
-    sibling_soup: bool = False
+    # visit's best path with the candidates trained from its parent (its siblings) and from it
+    # (its children), kept or discarded: each started from the same weights or from the best's
+    # own, so all lie near it, and they are added best-first while the average's validation
+    # accuracy does not fall. A line's ancestors are less trained than its tip, and averaging
+    # them in (line_soup) lost in all but 5 of 23 tries (benchmarks/HISTORY.md, "Weight
+    # soups"). Only components an ingredient trained are averaged; the soup then competes as a
+    # child of the best path. False: MUNET.md.
+    greedy_soup: bool = False
     inherit_momentum: bool = True
     image_sizes: list[int] = field(default_factory=lambda: list(VALUES["image_size"]))
     defaults: dict = field(default_factory=lambda: {

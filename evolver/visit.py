@@ -28,7 +28,7 @@ log = logging.getLogger("munet.evolver")
 PROBE_SIZE = 8
 TRAIN_ALL = "train:all"  # a seed candidate that clones and trains every component (cfg.trained_root_seed)
 CONTINUE = "continue"  # a child that trains its parent further, unmutated (cfg.continue_best)
-SOUP = "soup"  # a path's weights averaged with its line's or siblings'; its note is "soup:<models averaged>"
+SOUP = "soup"  # a path's weights averaged with its line's or its neighbours'; its note is "soup:<models averaged>"
 
 
 @dataclass
@@ -146,7 +146,7 @@ class Visit:
             self.population.append(live)
             self.live_entry = live
         self.members: dict[str, search.Member] = {}
-        self.trained: dict[str, list[tuple[float, Candidate]]] = {}  # parent path -> its children (cfg.sibling_soup)
+        self.trained: dict[str, list[tuple[float, str, Candidate]]] = {}  # parent path -> its children (cfg.greedy_soup)
         self.souped: set[tuple[str, int]] = set()
 
     def _logits(self, entry: Entry, split: str) -> torch.Tensor:
@@ -348,8 +348,8 @@ class Visit:
                 bar.set_postfix(best=f"{best.score:.4f}" if best else "-")
                 bar.update()
             bar.close()
-            if self.cfg.sibling_soup:
-                self._try_sibling_soup(gen)
+            if self.cfg.greedy_soup:
+                self._try_greedy_soup(gen)
         result = self._finish()
         result.update({"task": self.task_name, "candidates": tried, "improved": improved,
                        "seconds": time.perf_counter() - t0, "examples": self.examples, "cache_hits": self.cache.hits, "cache_misses": self.cache.misses})
@@ -435,15 +435,15 @@ class Visit:
             # A new task becomes servable with its first good candidate (DESIGN.md).
             self._commit(entry, reason="first", lock=False)
             self.committed_live, self.live_entry = True, entry
-        if self.cfg.sibling_soup and result is not None:  # kept or discarded, an ingredient of its parent's soups
-            self.trained.setdefault(parent.path_id, []).append((result.val_acc, cand))
+        if self.cfg.greedy_soup and result is not None:  # kept or discarded, an ingredient of soups near its parent
+            self.trained.setdefault(parent.path_id, []).append((result.val_acc, path_id, cand))
         if entry is not None and self.cfg.line_soup and parent.same_task:
             self._try_line_soup(gen, entry)
         if self.on_candidate:
             self.on_candidate(self.task_name, status)
         return status == "improved"
 
-    # -- weight soups (cfg.line_soup, cfg.sibling_soup) ------------------------------------
+    # -- weight soups (cfg.line_soup, cfg.greedy_soup) ------------------------------------
     def _line(self, entry: Entry) -> list[Entry]:
         """The entry and its nearest ancestors on its task's training line, cfg.line_soup at most."""
         line = []
@@ -516,28 +516,30 @@ class Visit:
             return None
         return self._try_soup(gen, child, [{n: s.module for n, s in e.slots.items()} for e in line[1:]], ["line"], t0)
 
-    def _try_sibling_soup(self, gen: int) -> Entry | None:
-        """Greedy soup (Wortsman et al. 2022) of the visit's best path and its siblings: the
-        other children of its parent, kept or discarded, added best-first while the soup's
-        validation accuracy does not fall; only components a sibling trained are averaged."""
+    def _try_greedy_soup(self, gen: int) -> Entry | None:
+        """Greedy soup (Wortsman et al. 2022) of the visit's best path with the candidates trained
+        from its parent (its siblings) and from itself (its children), kept or discarded:
+        added best-first while the soup's validation accuracy does not fall; only components
+        an ingredient trained are averaged."""
         best = max(self.population, key=self._rank, default=None)
-        if best is None or best.committed or best.parent is None or best.candidate is None or not best.train_examples:
-            return None  # a committed path's or a soup's siblings were trained from another start
-        siblings = [(acc, cand) for acc, cand in self.trained.get(best.parent.path_id, []) if cand is not best.candidate]
-        key = (best.path_id, len(siblings))
-        if not siblings or key in self.souped:
+        if best is None or best.committed or best.parent is None or best.candidate is None:
+            return None
+        pool = self.trained.get(best.parent.path_id, []) + self.trained.get(best.path_id, [])
+        pool = [p for p in pool if p[2] is not best.candidate]
+        key = (best.path_id, len(pool))
+        if not pool or key in self.souped:
             return None
         self.souped.add(key)
         t0 = time.perf_counter()
-        picked, tasted = [], None
-        for acc, cand in sorted(siblings, key=lambda p: -p[0]):
+        picked, names, tasted = [], [], None
+        for acc, path_id, cand in sorted(pool, key=lambda p: -p[0]):
             source = {n: m for n, m, t in zip(cand.names, cand.modules, cand.trainable) if t}
             trial = self._taste(best, picked + [source])
             if trial[3] >= (tasted[3] if tasted else best.val_acc):
-                picked, tasted = picked + [source], trial
+                picked, names, tasted = picked + [source], names + [f"with:{path_id}"], trial
         if not picked:
             return None
-        return self._try_soup(gen, best, picked, ["siblings", f"tried:{len(siblings)}"], t0, tasted)
+        return self._try_soup(gen, best, picked, ["greedy", f"tried:{len(pool)}", *names], t0, tasted)
 
     def _record(self, gen, parent, path_id, hp, mutations, result, accounted, status) -> int:
         # An in-visit parent is never committed, so its id lives only in these notes: the

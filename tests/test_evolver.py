@@ -815,51 +815,55 @@ def test_a_line_soup_is_tried_only_after_a_child_beats_a_parent_of_its_own_task(
     assert len(rows) - len(soups) == 8, "soups are tried beside the 2 x 2 x 2 trained candidates, not instead of them"
 
 
-def test_a_sibling_soup_averages_the_best_child_with_what_its_siblings_trained_greedily(two_tasks):
+def test_a_greedy_soup_averages_the_best_path_with_what_its_siblings_and_children_trained(two_tasks):
     from munet.evolver.visit import Entry
     from munet.storage.schema import new_id
 
-    cfg = tiny_config(sibling_soup=True)
+    cfg = tiny_config(greedy_soup=True)
     Visit(two_tasks, "a", cfg, progress=False).run()
     visit = Visit(two_tasks, "a", cfg, progress=False)
     visit._load()
     live = visit.live_entry
-    children = []
-    for name in ("first", "second"):  # two children of the live path: new ids, another data order each
-        hp = copy.deepcopy(live.hparams)
-        cand, slots, _ = visit.build(live, hp, set(), name)
-        result = train_candidate(cand, visit.data, visit.cfg, visit.cache, 1.0, float("-inf"))
-        visit.trained.setdefault(live.path_id, []).append((result.val_acc, cand))
-        children.append((hp, cand, slots, result))
-    (hp, cand, slots, result), (_, other, _, _) = children
-    trained = [n for n, t in zip(cand.names, cand.trainable) if t]
-    assert trained and trained == [n for n, t in zip(other.names, other.trainable) if t]
-    assert not all(torch.equal(cand.modules[i].state_dict()[k], other.modules[i].state_dict()[k])
-                   for i, t in enumerate(cand.trainable) if t for k in cand.modules[i].state_dict()), "two trainings"
+    assert visit._try_greedy_soup(0) is None, "the best is the committed live path: nothing trained near it yet"
 
-    def best(val_acc: float) -> Entry:
-        entry = Entry(new_id(), hp, slots, False, True, parent=live, committed_path=live.path_id, candidate=cand,
-                      val_acc=val_acc, score=-1.0, train_examples=result.examples, momentum=result.momentum)
-        visit.entries[entry.path_id], visit.population = entry, [live, entry]
-        live.score = -2.0
+    def child_of(parent: Entry, score: float) -> Entry:
+        hp, path_id = copy.deepcopy(parent.hparams), new_id()
+        cand, slots, _ = visit.build(parent, hp, set(), path_id)
+        result = train_candidate(cand, visit.data, visit.cfg, visit.cache, 1.0, float("-inf"))
+        visit.trained.setdefault(parent.path_id, []).append((result.val_acc, path_id, cand))
+        entry = Entry(path_id, hp, slots, False, True, parent=parent, committed_path=parent.committed_path,
+                      candidate=cand, val_acc=result.val_acc, score=score, train_examples=result.examples,
+                      momentum=result.momentum)
+        visit.entries[entry.path_id] = entry
         return entry
 
-    assert visit._try_sibling_soup(0) is None, "the best is the committed live path: its siblings trained elsewhere"
-    first = best(1.01)  # no soup reaches a validation accuracy above 1: the greedy step adds no sibling
-    assert visit._try_sibling_soup(0) is None
+    best, sibling = child_of(live, -1.0), child_of(live, -1.0)
+    child = child_of(best, -1.0)
+    live.score, visit.population = -2.0, [live, best]  # the best: scored -1, so any soup beats it
+    trained = [i for i, t in enumerate(best.candidate.trainable) if t]
+    assert trained and all(e.candidate.trainable == best.candidate.trainable for e in (sibling, child))
+
+    best.val_acc = 1.01  # no average reaches it: the greedy step adds no ingredient
+    assert visit._try_greedy_soup(0) is None
     with two_tasks.Session() as s:
         assert not any(r.mutations[0].startswith("soup:") for r in s.scalars(select(CandidateRow)))
-    first = best(0.0)  # every soup does: the sibling joins, and the soup beats a child scored -1
-    soup = visit._try_sibling_soup(0)
-    assert soup is not None and soup.parent is first and soup in visit.population
-    assert visit._try_sibling_soup(0) is None, "the same best with the same siblings is souped once"
-    for i, name in enumerate(cand.names):
-        if not cand.trainable[i]:
-            assert soup.slots[name] is slots[name]
-            continue
-        for key, value in soup.slots[name].module.state_dict().items():
-            a, b = cand.modules[i].state_dict()[key], other.modules[i].state_dict()[key]
-            assert torch.allclose(value, (a + b) / 2 if value.is_floating_point() else a, atol=1e-6), (name, key)
+    best.val_acc = 0.0  # any average reaches it: the better-validating ingredient joins, the other if the soup holds
+    visit.souped.clear()
+    soup = visit._try_greedy_soup(0)
+    assert soup is not None and soup.parent is best and soup in visit.population
+    visit.population.remove(soup)
+    assert visit._try_greedy_soup(0) is None, "the same best with the same ingredients is souped once"
     with two_tasks.Session() as s:
         row = s.scalars(select(CandidateRow).order_by(CandidateRow.id.desc())).first()
-    assert row.mutations[:3] == ["soup:2", "siblings", "tried:1"] and row.examples == 0 and row.outcome == "improved"
+    joined = [n[5:] for n in row.mutations if n.startswith("with:")]
+    first = max((sibling, child), key=lambda e: e.val_acc)
+    assert row.mutations[:3] == [f"soup:{len(joined) + 1}", "greedy", "tried:2"] and joined[0] == first.path_id
+    assert row.examples == 0 and row.outcome == "improved"
+    for i, name in enumerate(best.candidate.names):
+        if i not in trained:
+            assert soup.slots[name] is best.slots[name], "frozen components stay shared"
+            continue
+        states = [e.candidate.modules[i].state_dict() for e in [best] + [visit.entries[j] for j in joined]]
+        for key, value in soup.slots[name].module.state_dict().items():
+            want = sum(st[key] for st in states) / len(states) if value.is_floating_point() else states[0][key]
+            assert torch.allclose(value, want, atol=1e-5), (name, key)
