@@ -68,6 +68,20 @@ class Entry:
     val_loss: float = math.inf  # validation cross-entropy (cfg.val_loss_ties; committed paths: measured at load)
 
 
+@dataclass
+class Soup:
+    """Averaged weights of a path and some of its neighbours, scored on validation (cfg.line_soup, cfg.greedy_soup)."""
+
+    cand: Candidate
+    slots: dict[str, Slot]
+    averaged: list[str]  # "avg:<component>/<models>" for each component whose weights were averaged
+    models: int
+    val_acc: float
+    score: float
+    val_loss: float
+    accounted: float
+
+
 class Visit:
     def __init__(self, system, task_name: str, cfg: EvolverConfig, *, cache: PrefixCache | None = None,
                  modules: dict[str, nn.Module] | None = None, lease_token: int | None = None,
@@ -146,7 +160,9 @@ class Visit:
             self.population.append(live)
             self.live_entry = live
         self.members: dict[str, search.Member] = {}
-        self.trained: dict[str, list[tuple[float, str, Candidate]]] = {}  # parent path -> its children (cfg.greedy_soup)
+        # parent path -> (val acc, path id, candidate) of each child trained from it (cfg.greedy_soup):
+        # every candidate of the visit stays in memory, 16 of at most 14 MB each in the cpu preset
+        self.trained: dict[str, list[tuple[float, str, Candidate]]] = {}
         self.souped: set[tuple[str, int]] = set()
 
     def _logits(self, entry: Entry, split: str) -> torch.Tensor:
@@ -453,13 +469,13 @@ class Visit:
             line.append(e)
         return line
 
-    def _soup(self, child: Entry, sources: list[dict[str, nn.Module]]) -> tuple[Candidate, dict[str, Slot], list[str]]:
-        """The child with each trained component's weights averaged with the `sources` (name ->
+    def _soup(self, base: Entry, sources: list[dict[str, nn.Module]]) -> tuple[Candidate, dict[str, Slot], list[str]]:
+        """`base` with each trained component's weights averaged with the `sources` (name ->
         module) that hold it in the same shapes; frozen (referenced) components stay shared."""
-        cand = child.candidate
+        cand = base.candidate
         ids, mods, slots, momentum, averaged = [], [], {}, {}, []
         for name, module, trainable in zip(cand.names, cand.modules, cand.trainable):
-            slot = child.slots[name]
+            slot = base.slots[name]
             if trainable:
                 states = [module.state_dict()]
                 for source in sources:
@@ -472,40 +488,38 @@ class Visit:
                                             if v.is_floating_point() else v for k, v in states[0].items()})
                     averaged.append(f"avg:{name}/{len(states)}")
                 new = Slot(new_id(), name, dict(slot.meta), module, False, False, slot.origin)
-                if slot.id in child.momentum:
-                    momentum[new.id] = child.momentum[slot.id]
+                if slot.id in base.momentum:
+                    momentum[new.id] = base.momentum[slot.id]
                 slot = new
             ids.append(slot.id)
             mods.append(slot.module)
             slots[name] = slot
-        return Candidate(ids, list(cand.names), mods, list(cand.trainable), child.hparams, momentum), slots, averaged
+        return Candidate(ids, list(cand.names), mods, list(cand.trainable), base.hparams, momentum), slots, averaged
 
-    def _taste(self, child: Entry, sources: list[dict[str, nn.Module]]):
-        """A soup of the child and `sources`, with its validation accuracy, score and loss."""
-        cand, slots, averaged = self._soup(child, sources)
-        factor, accounted = self.score_factor(slots, child.hparams["arch"]["image_size"])
+    def _taste(self, base: Entry, sources: list[dict[str, nn.Module]]) -> Soup:
+        cand, slots, averaged = self._soup(base, sources)
+        factor, accounted = self.score_factor(slots, base.hparams["arch"]["image_size"])
         acc, val_loss = validate(cand, self.data, self.cfg, self.cache)
-        return cand, slots, averaged, acc, acc * factor, val_loss, accounted
+        return Soup(cand, slots, averaged, len(sources) + 1, acc, acc * factor, val_loss, accounted)
 
-    def _try_soup(self, gen: int, child: Entry, sources: list[dict[str, nn.Module]], notes: list[str],
-                  t0: float, tasted=None) -> Entry | None:
-        """Score a soup of the child and `sources` as a child of the child: it joins the
-        population if it beats the child as a trained child must beat its parent."""
-        cand, slots, averaged, acc, sc, val_loss, accounted = tasted or self._taste(child, sources)
-        if not averaged:
+    def _try_soup(self, gen: int, base: Entry, soup: Soup, notes: list[str], t0: float) -> Entry | None:
+        """Record a soup of `base` as its child: it joins the population if it beats `base` as a
+        trained child must beat its parent."""
+        if not soup.averaged:
             return None
-        better = sc > child.score + self.cfg.min_improvement or (
-            self.cfg.val_loss_ties and sc >= child.score - self.cfg.val_loss_tie_margin and val_loss < child.val_loss)
-        result = TrainResult(acc, sc, better, [{"interval": 0, "val_acc": acc, "score": sc, "val_loss": val_loss}],
-                             0, time.perf_counter() - t0, {}, val_loss)
+        better = soup.score > base.score + self.cfg.min_improvement or (
+            self.cfg.val_loss_ties and soup.score >= base.score - self.cfg.val_loss_tie_margin and soup.val_loss < base.val_loss)
+        result = TrainResult(soup.val_acc, soup.score, better, [{"interval": 0, "val_acc": soup.val_acc, "score": soup.score,
+                                                                 "val_loss": soup.val_loss}],
+                             0, time.perf_counter() - t0, {}, soup.val_loss)
         path_id = new_id()
-        row_id = self._record(gen, child, path_id, child.hparams, [f"{SOUP}:{len(sources) + 1}"] + notes + averaged,
-                              result, accounted, "improved" if better else "discarded")
+        row_id = self._record(gen, base, path_id, base.hparams, [f"{SOUP}:{soup.models}"] + notes + soup.averaged,
+                              result, soup.accounted, "improved" if better else "discarded")
         if not better:
             return None
-        entry = Entry(path_id, copy.deepcopy(child.hparams), slots, False, True, parent=child,
-                      committed_path=child.committed_path, candidate=cand, val_acc=acc, score=sc, val_loss=val_loss,
-                      momentum=cand.momentum, line_epochs=child.line_epochs, candidate_row=row_id)
+        entry = Entry(path_id, copy.deepcopy(base.hparams), soup.slots, False, True, parent=base,
+                      committed_path=base.committed_path, candidate=soup.cand, val_acc=soup.val_acc, score=soup.score,
+                      val_loss=soup.val_loss, momentum=soup.cand.momentum, line_epochs=base.line_epochs, candidate_row=row_id)
         self.entries[path_id] = entry
         self.population.append(entry)
         return entry
@@ -514,7 +528,8 @@ class Visit:
         t0, line = time.perf_counter(), self._line(child)
         if len(line) < 2:
             return None
-        return self._try_soup(gen, child, [{n: s.module for n, s in e.slots.items()} for e in line[1:]], ["line"], t0)
+        return self._try_soup(gen, child, self._taste(child, [{n: s.module for n, s in e.slots.items()} for e in line[1:]]),
+                              ["line"], t0)
 
     def _try_greedy_soup(self, gen: int) -> Entry | None:
         """Greedy soup (Wortsman et al. 2022) of the visit's best path with the candidates trained
@@ -531,15 +546,15 @@ class Visit:
             return None
         self.souped.add(key)
         t0 = time.perf_counter()
-        picked, names, tasted = [], [], None
-        for acc, path_id, cand in sorted(pool, key=lambda p: -p[0]):
+        picked, names, soup = [], [], None
+        for _, path_id, cand in sorted(pool, key=lambda p: -p[0]):
             source = {n: m for n, m, t in zip(cand.names, cand.modules, cand.trainable) if t}
             trial = self._taste(best, picked + [source])
-            if trial[3] >= (tasted[3] if tasted else best.val_acc):
-                picked, names, tasted = picked + [source], names + [f"with:{path_id}"], trial
-        if not picked:
+            if trial.val_acc >= (soup.val_acc if soup else best.val_acc):
+                picked, names, soup = picked + [source], names + [f"with:{path_id}"], trial
+        if soup is None:
             return None
-        return self._try_soup(gen, best, picked, ["greedy", f"tried:{len(pool)}", *names], t0, tasted)
+        return self._try_soup(gen, best, soup, ["greedy", f"tried:{len(pool)}", *names], t0)
 
     def _record(self, gen, parent, path_id, hp, mutations, result, accounted, status) -> int:
         # An in-visit parent is never committed, so its id lives only in these notes: the
