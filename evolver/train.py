@@ -174,6 +174,7 @@ class Candidate:
     hparams: dict
     momentum: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)  # component id -> param -> buffer
     lr_scale: float = 1.0  # EvolverConfig.lr_scale (visit decay) x line_scale (line anneal) on the path's lr
+    seed: int | None = None  # of its data order; None: from cfg.seed and its component ids
 
     @property
     def first_trainable(self) -> int:
@@ -317,7 +318,7 @@ def _train(cand: Candidate, data: TaskData, cfg: EvolverConfig, cache: PrefixCac
         total = steps_per_interval * intervals
     # Interval j ends after total * (j + 1) // intervals steps, so no interval runs past the cap.
     ends = [total * (j + 1) // intervals for j in range(intervals)]
-    gen = torch.Generator().manual_seed(zlib.crc32(f"{cfg.seed}:{cand.ids}".encode()))
+    gen = torch.Generator().manual_seed(cand.seed if cand.seed is not None else zlib.crc32(f"{cfg.seed}:{cand.ids}".encode()))
     best, best_acc, best_loss, best_state, curve, examples, step = start_score, None, math.inf, None, [], 0, 0
     y_train = data.y["train"]
     order = torch.randperm(n, generator=gen)

@@ -7,6 +7,7 @@ import logging
 import math
 import random
 import time
+import zlib
 from dataclasses import dataclass, field
 
 import torch
@@ -108,7 +109,8 @@ class Visit:
                 raise KeyError(f"no task named {self.task_name!r}")
             self.task_id, self.num_classes = task.id, len(task.classes)
             # Reproducible per (seed, task, visit number), yet different on every visit.
-            self.rng = random.Random(f"{self.cfg.seed}:{self.task_name}:{task.visits}:{task.candidates_tried}")
+            self.seed_text = f"{self.cfg.seed}:{self.task_name}:{task.visits}:{task.candidates_tried}"
+            self.rng = random.Random(self.seed_text)
             root = s.get(Root, task.root_id)
             self.root_id, self.root_config, self.root_params = root.id, root.config, root.root_params
             self.root_path_id = root.root_path_id
@@ -164,6 +166,7 @@ class Visit:
         # every candidate of the visit stays in memory, 16 of at most 14 MB each in the cpu preset
         self.trained: dict[str, list[tuple[float, str, Candidate]]] = {}
         self.souped: set[tuple[str, int]] = set()
+        self.trained_count = 0  # candidates this visit has built, for their seeds
 
     def _logits(self, entry: Entry, split: str) -> torch.Tensor:
         """A path's logits on one split of this task's data, run whole (no prefix cache)."""
@@ -420,7 +423,19 @@ class Visit:
             hp = {**hp, "aug": search.drop_colour_jitter(hp["aug"])}
         self._member(parent).children += 1
         path_id = new_id()
+        # New layers' initial weights, random augmentation and the data order draw from a seed
+        # of the visit's and the candidate's number, not from component ids (fresh uuids), so a
+        # run with the same seed, data and settings trains the same candidates again.
+        seed = zlib.crc32(f"{self.seed_text}:{self.trained_count}".encode())
+        self.trained_count += 1
+        with torch.random.fork_rng(devices=[torch.device(self.cfg.device).index or 0] if self.cfg.device.startswith("cuda") else []):
+            torch.manual_seed(seed)
+            return self._train_one(gen, parent, hp, mutations, clones, path_id, seed)
+
+    def _train_one(self, gen, parent, hp, mutations, clones, path_id, seed) -> bool:
+        """Build, train and record one candidate (under its own torch seed, _one_candidate)."""
         cand, slots, actions = self.build(parent, hp, clones, path_id, train_all=TRAIN_ALL in mutations)
+        cand.seed = seed
         line_epochs = parent.line_epochs if parent.same_task else 0.0  # a seed starts a new line
         cand.lr_scale = self.cfg.lr_scale(gen) * self.cfg.line_scale(line_epochs)
         if cand.lr_scale != 1.0:  # the record's hparams keep the path's lr; this says what trained

@@ -867,3 +867,27 @@ def test_a_greedy_soup_averages_the_best_path_with_what_its_siblings_and_childre
         for key, value in soup.slots[name].module.state_dict().items():
             want = sum(st[key] for st in states) / len(states) if value.is_floating_point() else states[0][key]
             assert torch.allclose(value, want, atol=1e-5), (name, key)
+
+
+def test_two_runs_with_the_same_seed_train_the_same_candidates(tmp_path):
+    from conftest import make_settings
+    from munet.system import System
+
+    def run(home):
+        system = System(make_settings(home))
+        system.init()
+        system.add_root("lite0", "tf_efficientnet_lite0", "packaged")
+        system.add_task("a", str(digits_npz(tmp_path / "a.npz", offset=0)))
+        # mu = 1: adapters (randomly initialised layers) and clones in every child
+        cfg = tiny_config(generations=2, candidates=2, mu=1.0, mu_top=1.0, mu_bottom=1.0, evolve_mu=False)
+        for _ in range(2):
+            Visit(system, "a", cfg, progress=False).run()
+        with system.Session() as s:
+            rows = s.scalars(select(CandidateRow).order_by(CandidateRow.id)).all()
+            out = [([m for m in r.mutations if not m.startswith(("path:", "parent:"))], r.val_curve, r.examples) for r in rows]
+        system.engine.dispose()
+        return out
+
+    first, second = run(tmp_path / "one"), run(tmp_path / "two")
+    assert any(m.startswith("adapter:") for muts, _, _ in first for m in muts), "new layers were drawn"
+    assert first == second
