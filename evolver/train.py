@@ -266,6 +266,13 @@ def accuracy(modules: list[nn.Module], h: torch.Tensor, y: torch.Tensor, batch: 
     return evaluate(modules, h, y, batch)[0]
 
 
+def survives(score: float, val_loss: float, start_score: float, tie: tuple[float, float] | None,
+             cfg: EvolverConfig) -> bool:
+    """A snapshot's survival rule (MUNET.md §5.4): above start_score, or with cfg.val_loss_ties
+    (tie given) at least tie[0] less the tie margin and below tie[1] in validation loss."""
+    return score > start_score or (tie is not None and score >= tie[0] - cfg.val_loss_tie_margin and val_loss < tie[1])
+
+
 def train_candidate(cand: Candidate, data: TaskData, cfg: EvolverConfig, cache: PrefixCache | None,
                     score_factor: float, start_score: float, progress=None, *,
                     tie: tuple[float, float] | None = None) -> TrainResult:
@@ -350,7 +357,7 @@ def _train(cand: Candidate, data: TaskData, cfg: EvolverConfig, cache: PrefixCac
         curve.append({"interval": interval + 1, "val_acc": acc, "score": sc, "loss": loss.item(), "val_loss": val_loss})
         if progress is not None:
             progress(curve[-1])
-        if sc > best or (tie is not None and sc >= tie[0] - cfg.val_loss_tie_margin and val_loss < tie[1]):
+        if survives(sc, val_loss, best, tie, cfg):
             best, best_acc, best_loss = sc, acc, val_loss
             if tie is not None:
                 tie = (sc, val_loss)

@@ -23,7 +23,8 @@ from munet.storage.schema import ROOT_LOCK, Candidate as CandidateRow, Component
 
 from . import search
 from .config import EvolverConfig
-from .train import Candidate, PrefixCache, TaskData, TrainResult, logits, prefix_activations, accuracy, train_candidate, validate
+from .train import (Candidate, PrefixCache, TaskData, TrainResult, accuracy, logits, prefix_activations, survives,
+                    train_candidate, validate)
 
 log = logging.getLogger("munet.evolver")
 PROBE_SIZE = 8
@@ -522,8 +523,8 @@ class Visit:
         trained child must beat its parent."""
         if not soup.averaged:
             return None
-        better = soup.score > base.score + self.cfg.min_improvement or (
-            self.cfg.val_loss_ties and soup.score >= base.score - self.cfg.val_loss_tie_margin and soup.val_loss < base.val_loss)
+        tie = (base.score, base.val_loss) if self.cfg.val_loss_ties else None
+        better = survives(soup.score, soup.val_loss, base.score + self.cfg.min_improvement, tie, self.cfg)
         result = TrainResult(soup.val_acc, soup.score, better, [{"interval": 0, "val_acc": soup.val_acc, "score": soup.score,
                                                                  "val_loss": soup.val_loss}],
                              0, time.perf_counter() - t0, {}, soup.val_loss)
