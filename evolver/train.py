@@ -13,6 +13,7 @@ import math
 import time
 import zlib
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -191,6 +192,7 @@ class TrainResult:
     seconds: float
     momentum: dict[str, dict[str, torch.Tensor]]
     val_loss: float = math.inf  # mean validation cross-entropy of the kept snapshot (else the last interval)
+    stopped: int | None = None  # the validation point after which `stop` ended it early
 
 
 def lr_at(step: int, total: int, steps_per_interval: int, opt: dict) -> float:
@@ -275,8 +277,12 @@ def survives(score: float, val_loss: float, start_score: float, tie: tuple[float
 
 def train_candidate(cand: Candidate, data: TaskData, cfg: EvolverConfig, cache: PrefixCache | None,
                     score_factor: float, start_score: float, progress=None, *,
-                    tie: tuple[float, float] | None = None) -> TrainResult:
+                    tie: tuple[float, float] | None = None,
+                    stop: Callable[[int, float], bool] | None = None) -> TrainResult:
     """Train in place; on return the modules hold the best snapshot (if any beat start_score).
+
+    After each validation point but the last, stop(point, score) may end the training there
+    (cfg.median_stop); the result says after which point.
 
     With cfg.val_loss_ties, a snapshot also survives when its score is at least tie[0] and
     its validation loss below tie[1] (the parent's score and loss), and later snapshots of
@@ -285,13 +291,15 @@ def train_candidate(cand: Candidate, data: TaskData, cfg: EvolverConfig, cache: 
     for m in cand.modules:
         m.to(cfg.device)
     with in_memory_format(cand.modules, memory_format_of(cfg)):
-        result = _train(cand, data, cfg, cache, score_factor, start_score, progress, tie if cfg.val_loss_ties else None)
+        result = _train(cand, data, cfg, cache, score_factor, start_score, progress, tie if cfg.val_loss_ties else None,
+                        stop)
     result.seconds = time.perf_counter() - t0
     return result
 
 
 def _train(cand: Candidate, data: TaskData, cfg: EvolverConfig, cache: PrefixCache | None,
-           score_factor: float, start_score: float, progress, tie: tuple[float, float] | None) -> TrainResult:
+           score_factor: float, start_score: float, progress, tie: tuple[float, float] | None,
+           stop: Callable[[int, float], bool] | None = None) -> TrainResult:
     hp, size, device = cand.hparams, cand.hparams["arch"]["image_size"], cfg.device
     k = cand.first_trainable
     prefix_ids, prefix, suffix = cand.ids[:k], cand.modules[:k], cand.modules[k:]
@@ -329,7 +337,7 @@ def _train(cand: Candidate, data: TaskData, cfg: EvolverConfig, cache: PrefixCac
     best, best_acc, best_loss, best_state, curve, examples, step = start_score, None, math.inf, None, [], 0, 0
     y_train = data.y["train"]
     order = torch.randperm(n, generator=gen)
-    cursor = 0
+    cursor, stopped = 0, None
     for interval, end in enumerate(ends):
         set_modes(cand, training=True)
         while step < end:
@@ -362,6 +370,9 @@ def _train(cand: Candidate, data: TaskData, cfg: EvolverConfig, cache: PrefixCac
             if tie is not None:
                 tie = (sc, val_loss)
             best_state = [copy.deepcopy(m.state_dict()) if t else None for m, t in zip(cand.modules, cand.trainable)]
+        if stop is not None and interval < len(ends) - 1 and stop(interval + 1, sc):
+            stopped = interval + 1
+            break
     for p in params.values():
         p.requires_grad_(False)
     if best_state is not None:
@@ -372,7 +383,7 @@ def _train(cand: Candidate, data: TaskData, cfg: EvolverConfig, cache: PrefixCac
     improved = best_state is not None
     last = curve[-1]
     return TrainResult(best_acc if improved else last["val_acc"], best if improved else last["score"],
-                       improved, curve, examples, 0.0, momentum, best_loss if improved else last["val_loss"])
+                       improved, curve, examples, 0.0, momentum, best_loss if improved else last["val_loss"], stopped)
 
 
 def validate(cand: Candidate, data: TaskData, cfg: EvolverConfig, cache: PrefixCache | None) -> tuple[float, float]:

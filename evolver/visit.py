@@ -6,6 +6,7 @@ import copy
 import logging
 import math
 import random
+import statistics
 import time
 import zlib
 from dataclasses import dataclass, field
@@ -99,6 +100,7 @@ class Visit:
         self._root_flops: float | None = None
         self._chains: dict[str, list[str]] = {}  # committed path -> its ancestry (immutable)
         self.examples = 0
+        self.point_scores: dict[int, list[float]] = {}  # validation point -> this visit's candidates' scores there
 
     # -- loading ------------------------------------------------------------------------
     def _load(self) -> None:
@@ -446,9 +448,14 @@ class Visit:
         tie = (parent.score, parent.val_loss) if parent.same_task else (float("-inf"), math.inf)
         status, result = "error", None
         try:
-            result = train_candidate(cand, self.data, self.cfg, self.cache, factor, start, tie=tie)
+            result = train_candidate(cand, self.data, self.cfg, self.cache, factor, start, tie=tie,
+                                     stop=self._below_median if self.cfg.median_stop else None)
             self.examples += result.examples
             status = "improved" if result.improved else "discarded"
+            for point in result.curve:
+                self.point_scores.setdefault(point["interval"], []).append(point["score"])
+            if result.stopped:
+                mutations = mutations + [f"stopped:{result.stopped}"]
         except (RuntimeError, ValueError) as e:  # a broken candidate must not end the visit
             log.warning("candidate of %s failed: %s", self.task_name, e)
             mutations = mutations + [f"error:{str(e)[:200]}"]
@@ -474,6 +481,11 @@ class Visit:
         if self.on_candidate:
             self.on_candidate(self.task_name, status)
         return status == "improved"
+
+    def _below_median(self, point: int, score: float) -> bool:
+        """cfg.median_stop: below the median of the visit's earlier candidates at this point."""
+        peers = self.point_scores.get(point, [])
+        return len(peers) >= self.cfg.median_stop and score < statistics.median(peers)
 
     # -- weight soups (cfg.line_soup, cfg.greedy_soup) ------------------------------------
     def _line(self, entry: Entry) -> list[Entry]:

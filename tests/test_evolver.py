@@ -869,6 +869,52 @@ def test_a_greedy_soup_averages_the_best_path_with_what_its_siblings_and_childre
             assert torch.allclose(value, want, atol=1e-5), (name, key)
 
 
+def test_a_candidate_below_the_median_of_its_visits_earlier_candidates_stops_at_that_validation_point(two_tasks):
+    import statistics
+
+    cfg = tiny_config(median_stop=1, generations=2, candidates=3, intervals=2)
+    Visit(two_tasks, "a", cfg, progress=False).run()
+    Visit(two_tasks, "a", cfg, progress=False).run()
+    with two_tasks.Session() as s:
+        rows = s.scalars(select(CandidateRow).order_by(CandidateRow.id)).all()
+    n_train = train_images(two_tasks, "a")
+    seen: dict[int, list[float]] = {}  # visit -> scores at the first validation point so far
+    stopped = 0
+    for i, row in enumerate(rows):
+        peers = seen.setdefault(i // 6, [])  # 2 x 3 candidates a visit
+        first = row.val_curve[0]["score"]
+        expected = len(peers) >= 1 and first < statistics.median(peers)
+        assert ("stopped:1" in row.mutations) == expected, (row.id, first, peers)
+        # Whole batches of 32: one validation point is half an epoch, within a batch.
+        assert len(row.val_curve) == (1 if expected else 2)
+        assert abs(row.examples - (0.5 if expected else 1.0) * n_train) < 32
+        peers.append(first)
+        stopped += expected
+    assert len(rows) == 12 and 0 < stopped < 12, "some candidates stop, the rest train their whole epoch"
+    assert any(r.outcome == "improved" for r in rows)
+
+
+def test_the_median_stop_is_never_asked_at_a_candidates_last_validation_point(two_tasks):
+    cfg = tiny_config(intervals=3)
+    Visit(two_tasks, "a", cfg, progress=False).run()
+    visit = Visit(two_tasks, "a", cfg, progress=False)
+    visit._load()
+    asked = []
+
+    def stop(point, score):
+        asked.append(point)
+        return False
+
+    cand, _, _ = visit.build(visit.live_entry, copy.deepcopy(visit.live_entry.hparams), set(), "x")
+    result = train_candidate(cand, visit.data, cfg, visit.cache, 1.0, float("-inf"), stop=stop)
+    assert asked == [1, 2] and len(result.curve) == 3 and result.stopped is None
+    cand, _, _ = visit.build(visit.live_entry, copy.deepcopy(visit.live_entry.hparams), set(), "y")
+    result = train_candidate(cand, visit.data, cfg, visit.cache, 1.0, float("-inf"), stop=lambda p, s: True)
+    assert result.stopped == 1 and len(result.curve) == 1 and result.improved, "its snapshot above -inf still counts"
+    with pytest.raises(ValueError):
+        tiny_config(median_stop=-1)
+
+
 def test_two_runs_with_the_same_seed_train_the_same_candidates(tmp_path):
     from conftest import make_settings
     from munet.system import System
