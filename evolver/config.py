@@ -187,13 +187,15 @@ class EvolverConfig:
     # child of the best path. False: MUNET.md.
     greedy_soup: bool = False
     # Vizier's median stopping rule (Golovin et al. 2017) inside a visit: at each validation
-    # point but the last, a candidate whose score is below the median of what the visit's
-    # earlier candidates scored at the same point stops there, once at least `median_stop`
-    # of them have (its best snapshot so far still counts). Every candidate of a visit trains
-    # the same epochs and validation points, so peers are compared at one point of one
-    # schedule. A visit keeps one line of 16 candidates; the rest of its examples go to
-    # children that lose (notmnist: 71,019 of 126,256 in a second visit), and the served line
-    # sees a quarter of the budget where fine-tuning's winning run sees half. 0: off (MUNET.md).
+    # point but the last, a candidate whose score is below the median of what the visit's last
+    # `median_stop` candidates scored at the same point stops there (its best snapshot so far
+    # still counts). Every candidate of a visit trains the same epochs and validation points,
+    # so peers are compared at one point of one schedule; only the last few, because a visit's
+    # line climbs and the median of all its earlier candidates lags behind it (against every
+    # earlier candidate, 1 of notmnist's first 12 second-visit children stopped). A visit keeps
+    # one line of 16 candidates; the rest of its examples go to children that lose (notmnist:
+    # 71,019 of 126,256 in a second visit), and the served line sees a quarter of the budget
+    # where fine-tuning's winning run sees half. 0: off (MUNET.md).
     median_stop: int = 0
     inherit_momentum: bool = True
     image_sizes: list[int] = field(default_factory=lambda: list(VALUES["image_size"]))
@@ -234,7 +236,7 @@ class EvolverConfig:
         if self.line_soup == 1 or self.line_soup < 0:
             raise ValueError(f"line_soup must be 0 (off) or a number of line points >= 2, not {self.line_soup!r}")
         if self.median_stop < 0:
-            raise ValueError(f"median_stop must be 0 (off) or a number of earlier candidates >= 1, not {self.median_stop!r}")
+            raise ValueError(f"median_stop must be 0 (off) or a number of recent candidates >= 1, not {self.median_stop!r}")
         if not 0.0 < self.line_anneal_floor <= 1.0:
             raise ValueError(f"line_anneal_floor must be in (0, 1], not {self.line_anneal_floor!r}")
 

@@ -483,9 +483,9 @@ class Visit:
         return status == "improved"
 
     def _below_median(self, point: int, score: float) -> bool:
-        """cfg.median_stop: below the median of the visit's earlier candidates at this point."""
-        peers = self.point_scores.get(point, [])
-        return len(peers) >= self.cfg.median_stop and score < statistics.median(peers)
+        """cfg.median_stop: below the median of the visit's last median_stop candidates at this point."""
+        peers = self.point_scores.get(point, [])[-self.cfg.median_stop:]
+        return len(peers) == self.cfg.median_stop and score < statistics.median(peers)
 
     # -- weight soups (cfg.line_soup, cfg.greedy_soup) ------------------------------------
     def _line(self, entry: Entry) -> list[Entry]:

@@ -869,10 +869,10 @@ def test_a_greedy_soup_averages_the_best_path_with_what_its_siblings_and_childre
             assert torch.allclose(value, want, atol=1e-5), (name, key)
 
 
-def test_a_candidate_below_the_median_of_its_visits_earlier_candidates_stops_at_that_validation_point(two_tasks):
+def test_a_candidate_below_the_median_of_its_visits_last_candidates_stops_at_that_validation_point(two_tasks):
     import statistics
 
-    cfg = tiny_config(median_stop=1, generations=2, candidates=3, intervals=2)
+    cfg = tiny_config(median_stop=2, generations=2, candidates=3, intervals=2)
     Visit(two_tasks, "a", cfg, progress=False).run()
     Visit(two_tasks, "a", cfg, progress=False).run()
     with two_tasks.Session() as s:
@@ -883,7 +883,7 @@ def test_a_candidate_below_the_median_of_its_visits_earlier_candidates_stops_at_
     for i, row in enumerate(rows):
         peers = seen.setdefault(i // 6, [])  # 2 x 3 candidates a visit
         first = row.val_curve[0]["score"]
-        expected = len(peers) >= 1 and first < statistics.median(peers)
+        expected = len(peers) >= 2 and first < statistics.median(peers[-2:])
         assert ("stopped:1" in row.mutations) == expected, (row.id, first, peers)
         # Whole batches of 32: one validation point is half an epoch, within a batch.
         assert len(row.val_curve) == (1 if expected else 2)
@@ -913,6 +913,10 @@ def test_the_median_stop_is_never_asked_at_a_candidates_last_validation_point(tw
     assert result.stopped == 1 and len(result.curve) == 1 and result.improved, "its snapshot above -inf still counts"
     with pytest.raises(ValueError):
         tiny_config(median_stop=-1)
+    visit.cfg = cfg.replace(median_stop=2)
+    visit.point_scores = {1: [0.9, 0.95, 0.1, 0.2]}  # the line climbed, then two children fell back
+    assert not visit._below_median(1, 0.5), "peers are the last two (median 0.15), not all four (0.55)"
+    assert visit._below_median(1, 0.14) and not visit._below_median(2, 0.0), "no peers at point 2 yet"
 
 
 def test_two_runs_with_the_same_seed_train_the_same_candidates(tmp_path):
