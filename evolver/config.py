@@ -195,7 +195,10 @@ class EvolverConfig:
     # earlier candidate, 1 of notmnist's first 12 second-visit children stopped). A visit keeps
     # one line of 16 candidates; the rest of its examples go to children that lose (notmnist:
     # 71,019 of 126,256 in a second visit), and the served line sees a quarter of the budget
-    # where fine-tuning's winning run sees half. 0: off (MUNET.md).
+    # where fine-tuning's winning run sees half. Tried at 4 on notmnist and elpv with
+    # fine-tuning rerun at the budgets it set (benchmarks/HISTORY.md, "Median stopping inside a
+    # visit"): budgets 10% and 23% smaller, muNet's notmnist within its draws and its elpv
+    # below them, fine-tuning unchanged, so the gap stays. 0: off (MUNET.md).
     median_stop: int = 0
     inherit_momentum: bool = True
     image_sizes: list[int] = field(default_factory=lambda: list(VALUES["image_size"]))
