@@ -7,10 +7,12 @@ channels-last layout. `timm loop` is what a user would write around
 keeps them); the other arms run `train_candidate`, the function every muNet candidate and
 baseline run trains with, on a plan over the packaged root: full fine-tuning, adapters of
 width 32 before every block with the backbone frozen (the adapters baseline), and the same
-with every component trained (the heaviest shape a muNet line grows into). `vs timm` is the
-arm's images per second over the timm loop's: below 1 is the trainer's own cost.
+with every component trained (the heaviest shape a muNet line grows into). `timm loop, bf16
+autocast` is the same loop under `torch.autocast("cpu", torch.bfloat16)`: whether lower
+precision would buy this CPU speed (it has AVX512-BF16). `vs timm` is the arm's images per
+second over the timm loop's: below 1 is the trainer's own cost.
 
-    python benchmarks/step_time.py [--task cifar] [--sizes 64 96] [--steps 30] [--arms "full fine-tuning"]
+    python benchmarks/step_time.py [--task cifar] [--sizes 64 96] [--steps 30] [--arms "full fine-tuning"] [--name step_time]
 """
 from __future__ import annotations
 
@@ -38,7 +40,10 @@ PLANS = {"full fine-tuning": ("full", False), "adapters w32, backbone frozen": (
          "adapters w32, all trained": ("adapters:32", True)}
 
 
-def timm_loop(data: TaskData, size: int, steps: int, batch: int, cfg) -> float:
+BF16 = "timm loop, bf16 autocast"
+
+
+def timm_loop(data: TaskData, size: int, steps: int, batch: int, cfg, bf16: bool = False) -> float:
     """Seconds for `steps` batches and one validation pass of a plain timm training loop."""
     model = timm.create_model("tf_efficientnet_lite0", num_classes=data.num_classes).to(memory_format=torch.channels_last)
     opt = torch.optim.SGD(model.parameters(), lr=0.02, momentum=0.9)
@@ -54,7 +59,8 @@ def timm_loop(data: TaskData, size: int, steps: int, batch: int, cfg) -> float:
                 m.eval()
         for i in range(n):
             idx = torch.arange(i * batch, (i + 1) * batch) % len(y)
-            loss = F.cross_entropy(model(h_train[idx]), y[idx])
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+                loss = F.cross_entropy(model(h_train[idx]).float(), y[idx])
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -90,8 +96,9 @@ def main() -> None:
     ap.add_argument("--sizes", type=int, nargs="+", default=[64, 96])
     ap.add_argument("--steps", type=int, default=30)
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--arms", nargs="+", default=["timm loop", *PLANS], choices=["timm loop", *PLANS],
+    ap.add_argument("--arms", nargs="+", default=["timm loop", *PLANS], choices=["timm loop", BF16, *PLANS],
                     help="the timm loop always runs: every arm is compared with it")
+    ap.add_argument("--name", default="step_time", help="results/<name>.json")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     data_file = SHARED_DATA / f"{args.task}.npz"
@@ -104,7 +111,7 @@ def main() -> None:
         images = args.steps * cfg.batch_size
         arms = [(size, arm) for size in args.sizes for arm in dict.fromkeys(["timm loop", *args.arms])]
         for size, arm in tqdm(arms, desc="arms"):
-            secs = (timm_loop(data, size, args.steps, cfg.batch_size, cfg) if arm == "timm loop"
+            secs = (timm_loop(data, size, args.steps, cfg.batch_size, cfg, bf16=arm == BF16) if arm in ("timm loop", BF16)
                     else trainer(system, root, task, data, arm, size, args.steps, cfg))
             rows.append({"image_size": size, "arm": arm, "steps": args.steps, "seconds": secs,
                          "train_images_per_s": images / secs, "s_per_step": secs / args.steps})
@@ -114,7 +121,7 @@ def main() -> None:
     print(f"\nTraining speed, {args.task}, batch {cfg.batch_size}, {args.steps} steps and one validation pass "
           f"({len(data.y['val'])} images) per arm, {torch.get_num_threads()} threads\n")
     print(table(rows, ["image_size", "arm", "seconds", "s_per_step", "train_images_per_s", "vs_timm"]))
-    print(f"\nwrote {write('step_time', {'args': vars(args), 'rows': rows})}")
+    print(f"\nwrote {write(args.name, {'args': vars(args), 'rows': rows})}")
 
 
 if __name__ == "__main__":
