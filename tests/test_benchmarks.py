@@ -127,6 +127,13 @@ def test_step_time_times_every_trainer_arm_against_the_plain_timm_loop(monkeypat
     assert (timm_loop["arm"], trainer["arm"]) == ("timm loop", "adapters w32, all trained")
     assert timm_loop["vs_timm"] == 1.0
     assert trainer["vs_timm"] == pytest.approx(timm_loop["seconds"] / trainer["seconds"])
+    names = []
+    monkeypatch.setattr(step_time, "write", lambda name, payload: names.append(name) or written.update(payload) or name)
+    monkeypatch.setattr(sys, "argv", ["step_time.py", "--task", "elpv", "--sizes", "32", "--steps", "1",
+                                      "--arms", "timm loop, bf16 autocast", "--name", "step_time_bf16"])
+    step_time.main()
+    assert names == ["step_time_bf16"], "an arm of its own goes to its own file, not over step_time.json"
+    assert [r["arm"] for r in written["rows"]] == ["timm loop", "timm loop, bf16 autocast"]
 
 
 def test_line_length_counts_each_served_line_once_and_relates_its_length_to_accuracy(tmp_path):
