@@ -452,7 +452,7 @@ class Visit:
                                      stop=self._below_median if self.cfg.median_stop else None)
             self.examples += result.examples
             status = "improved" if result.improved else "discarded"
-            for point in result.curve:
+            for point in result.curve if self.cfg.median_stop else ():
                 self.point_scores.setdefault(point["interval"], []).append(point["score"])
             if result.stopped:
                 mutations = mutations + [f"stopped:{result.stopped}"]
