@@ -10,12 +10,12 @@ import pytest
 import torch
 from sqlalchemy import select, update
 
-from munet.evolver import baselines
+from munet.evolver import baselines, search
 from munet.evolver.train import Candidate, PrefixCache, TaskData, logits, train_candidate
 from munet.evolver.visit import Visit
 from munet.evolver.worker import claim, release
 from munet.storage.commit import LeaseLost, NewComponent, PathRecord, commit_path
-from munet.storage.schema import Candidate as CandidateRow, LiveHistory, PathRow, Task
+from munet.storage.schema import Candidate as CandidateRow, LiveHistory, PathRow, Root, Task
 
 from evolver_support import digits_npz, tiny_config
 
@@ -57,9 +57,6 @@ def train_images(system, name: str) -> int:
 def _root_candidate(system, cfg, plan="top:4"):
     """Task a's data and a root path trained as a baseline plan says (default: its top 4
     components), at cfg's defaults."""
-    from munet.evolver import search
-    from munet.storage.schema import Root
-
     with system.Session() as s:
         task = s.scalar(select(Task).where(Task.name == "a"))
         root = s.get(Root, task.root_id)
@@ -682,6 +679,23 @@ def test_baselines_train_only_their_plan_and_report_budget_with_progress(two_tas
     # One epoch per run of each task's own training split (a's and b's differ by per-class rounding).
     assert (head["examples"], full["examples"]) == (train_images(two_tasks, "a"), 2 * train_images(two_tasks, "b"))
     assert len(full["runs"]) == 2 and two_tasks.task_json("b")["live_path"]["id"] == full["path_id"]
+
+
+def test_a_baseline_plan_joined_by_plus_trains_the_union_of_its_parts(two_tasks):
+    def trained(kind):
+        _, cand = _root_candidate(two_tasks, tiny_config(), kind)
+        return {n for n, t in zip(cand.names, cand.trainable) if t}
+
+    bottom, adapters, both = trained("bottom:12"), trained("adapters:32"), trained("bottom:12+adapters:32")
+    assert bottom == {"stem", "final_norm", "head"} | {f"blocks.{i}" for i in range(12)}, "the top blocks and neck stay shared"
+    assert both == bottom | adapters and len(adapters - bottom) == 16, "an adapter beside every block, the bottom cloned"
+    cfg = tiny_config()
+    runs = {k: baselines.run_baseline(two_tasks, "a", k, cfg, commit=False)["trained_params"]
+            for k in ("head", "bottom:12", "adapters:32", "bottom:12+adapters:32")}
+    assert runs["bottom:12+adapters:32"] == runs["bottom:12"] + runs["adapters:32"] - runs["head"]
+    assert 900_000 < runs["bottom:12"] < 1_000_000, "stem and blocks 0-11 of the Lite0 root: 0.92 M"
+    with pytest.raises(ValueError, match="bottom:X"):
+        baselines.plan("middle:3", {"depth": 16})
 
 
 def test_flops_factor_lowers_scores_below_accuracy_when_enabled(two_tasks):
