@@ -6,7 +6,7 @@ a lineage lose by sitting at a smaller size (quality benchmark, gtsrb at 48 px)?
 validated after each: a muNet lineage's schedule (every child restarts its warm-up for one
 epoch) without its selection or mutations. `--hflip off on`: the same run without and with random
 horizontal flips, what a lineage trains with once the search's input mutation turns them on.
-`--plans`: other fixed plans than full fine-tuning (`evolver/baselines.py`: e.g. `bottom:12+adapters:32`,
+`--plans`: other fixed plans than full fine-tuning (`evolver/search.py`, `plan`: e.g. `bottom:12+adapters:32`,
 the stem and blocks 0-11 cloned with adapters beside the shared top), with the weights each trains.
 
     python benchmarks/image_size.py                       # gtsrb at 48, 64 and 96 px
@@ -30,7 +30,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import SHARED_DATA, table, write  # noqa: E402
 from quality import PARTS, installation, load_part, train_images  # noqa: E402
 
-from munet.evolver.baselines import plan as baseline_plan, run_baseline  # noqa: E402
+from munet.evolver.baselines import run_baseline  # noqa: E402
+from munet.evolver.search import plan as baseline_plan  # noqa: E402
 from munet.evolver.config import cpu_preset  # noqa: E402
 
 
@@ -44,7 +45,7 @@ def main() -> None:
                     help="cosine: one cycle over the run; restarts: one warm-up + cosine cycle per epoch")
     ap.add_argument("--hflip", nargs="+", default=["off"], choices=["off", "on"],
                     help="random horizontal flips while training (the cpu preset's default: off)")
-    ap.add_argument("--plans", nargs="+", default=["full"], help="fixed plans (evolver.baselines.plan), default full fine-tuning")
+    ap.add_argument("--plans", nargs="+", default=["full"], help="fixed plans (evolver.search.plan), default full fine-tuning")
     ap.add_argument("--name", default="image_size")
     args = ap.parse_args()
     for plan in args.plans:  # before any training: a typo in the last plan would waste the runs before it

@@ -24,36 +24,8 @@ from .train import Candidate, PrefixCache, TaskData, accuracy, logits, prefix_ac
 from .visit import PROBE_SIZE, count_flops
 
 
-def plan(kind: str, root_config: dict) -> tuple[set[str], dict[int, int]]:
-    """(names to train, adapters) for 'full', 'head', 'freeze:X' (blocks X.. and the neck),
-    'top:X' (the top X blocks, neck frozen), 'bottom:X' (the stem and blocks below X, the rest
-    frozen), 'adapters:W', or several joined by '+' (e.g. 'bottom:12+adapters:32')."""
-    if "+" in kind:
-        parts = [plan(k, root_config) for k in kind.split("+")]
-        return set().union(*(t for t, _ in parts)), {i: w for _, a in parts for i, w in a.items()}
-    depth = root_config["depth"]
-    top = {"final_norm", "head"}
-    if kind == "full":
-        return {"*"}, {}
-    if kind == "head":
-        return top, {}
-    if kind.startswith("freeze:"):
-        x = int(kind.split(":", 1)[1])
-        return top | {f"blocks.{i}" for i in range(x, depth)} | ({"neck"} if x < depth else set()), {}
-    if kind.startswith("adapters:"):
-        width = int(kind.split(":", 1)[1])
-        return top | {"adapter"}, {i: width for i in range(depth)}
-    if kind.startswith("top:"):  # the top X blocks and the head; the neck stays frozen
-        x = int(kind.split(":", 1)[1])
-        return top | {f"blocks.{i}" for i in range(depth - x, depth)}, {}
-    if kind.startswith("bottom:"):  # where a CNN keeps few weights (EfficientNet-Lite0: 27% below block 12)
-        x = int(kind.split(":", 1)[1])
-        return top | {"stem"} | {f"blocks.{i}" for i in range(x)}, {}
-    raise ValueError(f"unknown baseline {kind!r}: use full, head, freeze:X, top:X, bottom:X, adapters:W or several joined by +")
-
-
 def _build(system, root: Root, task: Task, kind: str, hp: dict) -> tuple[Candidate, list]:
-    train, adapters = plan(kind, root.config)
+    train, adapters = search.plan(kind, root.config)
     hp["arch"]["adapters"] = {str(i): w for i, w in adapters.items()}
     family = models.family_for(root.config["timm"])
     base, _ = system.load_path(root.root_path_id)

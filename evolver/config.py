@@ -100,6 +100,15 @@ class EvolverConfig:
     # HISTORY.md, "The adapters plan as a seed on elpv"): after a first visit's quarter epoch
     # it scores as the plain root seed does and no served line descended from it, so it is off.
     adapter_root_seed: int | None = None
+    # The seeding phase also tries the root trained as this fixed plan (search.plan, e.g.
+    # "bottom:12+adapters:32": the stem and blocks 0-11 cloned, an adapter beside every block,
+    # the top blocks and neck shared), at trained_root_size. On EfficientNet-Lite0 the bottom
+    # twelve blocks hold 27% of the weights, and that plan's one run at half the quality
+    # budget tested 0.883 on gtsrb against full fine-tuning's 0.8705-0.879 and the adapters
+    # plan's 0.795 (benchmarks/HISTORY.md, "A fixed plan at under half the parameters"): a
+    # small base's lineage can start there instead of at a frozen or a whole trained root.
+    # None: MUNET.md's seeds.
+    plan_root_seed: str | None = None
     # At most this many other tasks' live paths seed a visit, drawn by the visit's rng: with
     # few candidates per visit and many tasks, MUNET.md's every-task seeding fills a late
     # task's first visit with seeds (six tasks, eight candidates: seven seeds) and leaves its
@@ -238,6 +247,10 @@ class EvolverConfig:
             raise ValueError(f"final_top must be >= 1, not {self.final_top!r}")
         if self.adapter_root_seed is not None and self.adapter_root_seed < 1:
             raise ValueError(f"adapter_root_seed must be a width >= 1 or None, not {self.adapter_root_seed!r}")
+        if self.plan_root_seed is not None:
+            from .search import plan  # search imports this module
+
+            plan(self.plan_root_seed, {"depth": 1})  # a clear error now, not in a visit
         if self.line_soup == 1 or self.line_soup < 0:
             raise ValueError(f"line_soup must be 0 (off) or a number of line points >= 2, not {self.line_soup!r}")
         if self.median_stop < 0:

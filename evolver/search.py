@@ -28,6 +28,35 @@ def initial_hparams(cfg: EvolverConfig, root_config: dict, num_classes: int) -> 
     }
 
 
+def plan(kind: str, root_config: dict) -> tuple[set[str], dict[int, int]]:
+    """A fixed plan over the root, for the baselines and the seed cfg.plan_root_seed:
+    (names to train, adapters) for 'full', 'head', 'freeze:X' (blocks X.. and the neck),
+    'top:X' (the top X blocks, neck frozen), 'bottom:X' (the stem and blocks below X, the rest
+    frozen), 'adapters:W', or several joined by '+' (e.g. 'bottom:12+adapters:32')."""
+    if "+" in kind:
+        parts = [plan(k, root_config) for k in kind.split("+")]
+        return set().union(*(t for t, _ in parts)), {i: w for _, a in parts for i, w in a.items()}
+    depth = root_config["depth"]
+    top = {"final_norm", "head"}
+    if kind == "full":
+        return {"*"}, {}
+    if kind == "head":
+        return top, {}
+    if kind.startswith("freeze:"):
+        x = int(kind.split(":", 1)[1])
+        return top | {f"blocks.{i}" for i in range(x, depth)} | ({"neck"} if x < depth else set()), {}
+    if kind.startswith("adapters:"):
+        width = int(kind.split(":", 1)[1])
+        return top | {"adapter"}, {i: width for i in range(depth)}
+    if kind.startswith("top:"):  # the top X blocks and the head; the neck stays frozen
+        x = int(kind.split(":", 1)[1])
+        return top | {f"blocks.{i}" for i in range(depth - x, depth)}, {}
+    if kind.startswith("bottom:"):  # where a CNN keeps few weights (EfficientNet-Lite0: 27% below block 12)
+        x = int(kind.split(":", 1)[1])
+        return top | {"stem"} | {f"blocks.{i}" for i in range(x)}, {}
+    raise ValueError(f"unknown plan {kind!r}: use full, head, freeze:X, top:X, bottom:X, adapters:W or several joined by +")
+
+
 def fix_settings(hp: dict, cfg: EvolverConfig) -> dict:
     """hp with each fixed training setting at the configuration's value, in place.
 

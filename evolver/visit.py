@@ -30,6 +30,7 @@ from .train import (Candidate, PrefixCache, TaskData, TrainResult, accuracy, log
 log = logging.getLogger("munet.evolver")
 PROBE_SIZE = 8
 TRAIN_ALL = "train:all"  # a seed candidate that clones and trains every component (cfg.trained_root_seed)
+PLAN = "plan:"  # a seed candidate trained as a fixed plan over the root (cfg.plan_root_seed), e.g. plan:bottom:12
 CONTINUE = "continue"  # a child that trains its parent further, unmutated (cfg.continue_best)
 SOUP = "soup"  # a path's weights averaged with its line's or its neighbours'; its note is "soup:<models averaged>"
 
@@ -146,6 +147,7 @@ class Visit:
         root_pending = any(e.path_id == self.root_path_id for e in self.pending_seeds)
         self.pending_trained_root = self.cfg.trained_root_seed and root_pending
         self.pending_adapter_root = self.cfg.adapter_root_seed is not None and root_pending
+        self.pending_plan_root = self.cfg.plan_root_seed is not None and root_pending
         self.pending_root_sizes = self._root_sizes(self.cfg.root_seed_sizes) if root_pending and self.cfg.root_seed_sizes else []
         self.population: list[Entry] = []
         self.live_score: tuple[str, float] | None = None
@@ -215,6 +217,15 @@ class Visit:
         hp["arch"]["adapters"] = {str(i): width for i in blocks}
         hp["adapter_width"] = width
         return root, hp, log + [f"adapter:{i}/w{width}" for i in blocks]
+
+    def _plan_root_seed(self, kind: str) -> tuple[Entry, dict, list[str]]:
+        """The root seed at the trained root's size with the plan's adapters; _train_one clones
+        the components the plan trains."""
+        root, hp, log = self._root_seed(self._trained_root_size(), PLAN + kind)
+        _, adapters = search.plan(kind, self.root_config)
+        hp["arch"]["adapters"] = {str(i): w for i, w in adapters.items() if i in hp["arch"]["blocks"]}
+        hp["adapter_width"] = max(adapters.values(), default=hp["adapter_width"])  # adapters its children add
+        return root, hp, log + [f"adapter:{i}/w{w}" for i, w in hp["arch"]["adapters"].items()]
 
     def _committed_entry(self, path_id: str) -> Entry:
         if path_id in self.entries:
@@ -287,7 +298,8 @@ class Visit:
         return None
 
     def build(self, parent: Entry, hp: dict, clones: set[int], path_id: str,
-              train_all: bool = False) -> tuple[Candidate, dict[str, Slot], list[str]]:
+              train: frozenset[str] = frozenset()) -> tuple[Candidate, dict[str, Slot], list[str]]:
+        """`train`: names or kinds of components cloned whatever their lock ('*': every one)."""
         ids, names, mods, trainable, slots, actions = [], [], [], [], {}, []
         momentum = {}
         # Under size pressure a clone of a layer other tasks share pays its whole size, while
@@ -301,7 +313,8 @@ class Visit:
             if source is None:
                 slot, action = self._new_slot(parent, name, meta, hp), "new"
             else:
-                clone = (train_all or not source.locked or kind in ("final_norm", "head") or (own_trainable and source.own)
+                clone = ("*" in train or name in train or kind in train or not source.locked or kind in ("final_norm", "head")
+                         or (own_trainable and source.own)
                          or (kind == "blocks" and index in clones)
                          or (kind in ("stem", "neck", "cls_token") and self.rng.random() < search.prob(hp, "clone", self.cfg, 0)))
                 if clone:
@@ -387,6 +400,9 @@ class Visit:
         if self.pending_adapter_root:  # cfg.adapter_root_seed: the root, frozen, with an adapter before every block
             self.pending_adapter_root = False
             return *self._adapter_root_seed(self.cfg.adapter_root_seed), set(), True
+        if self.pending_plan_root:  # cfg.plan_root_seed: the root trained as a fixed plan
+            self.pending_plan_root = False
+            return *self._plan_root_seed(self.cfg.plan_root_seed), set(), True
         if self.pending_root_sizes:  # cfg.root_seed_sizes: the root's plain seed at another size
             return *self._root_seed(self.pending_root_sizes.pop(0)), set(), True
         if self.cfg.continue_best and first and self.population:
@@ -437,7 +453,9 @@ class Visit:
 
     def _train_one(self, gen, parent, hp, mutations, clones, path_id, seed) -> bool:
         """Build, train and record one candidate (under its own torch seed, _one_candidate)."""
-        cand, slots, actions = self.build(parent, hp, clones, path_id, train_all=TRAIN_ALL in mutations)
+        plan = next((m[len(PLAN):] for m in mutations if m.startswith(PLAN)), None)
+        train = {"*"} if TRAIN_ALL in mutations else search.plan(plan, self.root_config)[0] if plan else set()
+        cand, slots, actions = self.build(parent, hp, clones, path_id, train=frozenset(train))
         cand.seed = seed
         line_epochs = parent.line_epochs if parent.same_task else 0.0  # a seed starts a new line
         cand.lr_scale = self.cfg.lr_scale(gen) * self.cfg.line_scale(line_epochs)

@@ -232,12 +232,17 @@ def test_the_seeding_phase_tries_the_root_with_every_component_trained_when_conf
     assert "image_size:32->48" in sized[0].mutations and sized[0].examples > 0
 
 
+def _seed_rows(system, task, cfg):
+    """The candidate rows of one visit of `task` that were seeds, in training order."""
+    Visit(system, task, cfg, progress=False).run()
+    with system.Session() as s:
+        rows = list(s.scalars(select(CandidateRow).join(Task).where(Task.name == task).order_by(CandidateRow.id)))
+    return [r for r in rows if "seed" in r.mutations]
+
+
 def test_the_seeding_phase_tries_the_frozen_root_with_an_adapter_before_every_block_when_configured(two_tasks):
     cfg = tiny_config(candidates=3, max_epochs=0.3, seed_tasks=0, adapter_root_seed=8, trained_root_size=48)
-    Visit(two_tasks, "a", cfg, progress=False).run()
-    with two_tasks.Session() as s:
-        rows = list(s.scalars(select(CandidateRow).join(Task).where(Task.name == "a").order_by(CandidateRow.id)))
-    seeds = [r for r in rows if "seed" in r.mutations]
+    seeds = _seed_rows(two_tasks, "a", cfg)
     assert len(seeds) == 2, "the root, then the root with adapters"
     plain, adapted = seeds
     assert adapted.parent_path_id == plain.parent_path_id, "its parent: the root path"
@@ -250,6 +255,23 @@ def test_the_seeding_phase_tries_the_frozen_root_with_an_adapter_before_every_bl
     assert not plain.hparams["arch"]["adapters"], "MUNET.md's root seed is unchanged"
     with pytest.raises(ValueError, match="adapter_root_seed"):
         cfg.replace(adapter_root_seed=0)
+
+
+def test_the_seeding_phase_tries_the_root_trained_as_a_fixed_plan_when_configured(two_tasks):
+    cfg = tiny_config(candidates=3, max_epochs=0.3, seed_tasks=0, plan_root_seed="bottom:12+adapters:8", trained_root_size=48)
+    seeds = _seed_rows(two_tasks, "a", cfg)
+    assert len(seeds) == 2, "the root, then the root trained as the plan"
+    plain, planned = seeds
+    assert planned.parent_path_id == plain.parent_path_id and "plan:bottom:12+adapters:8" in planned.mutations
+    depth = len(plain.hparams["arch"]["blocks"])
+    assert planned.hparams["arch"]["adapters"] == {str(i): 8 for i in range(depth)} and planned.hparams["adapter_width"] == 8
+    acts = set(planned.mutations)
+    assert {"clone:stem"} | {f"clone:blocks.{i}" for i in range(12)} | {f"new:adapter@{i}/w8" for i in range(depth)} <= acts
+    assert {"ref:neck"} | {f"ref:blocks.{i}" for i in range(12, depth)} <= acts, "the top blocks and the neck stay shared"
+    assert planned.hparams["arch"]["image_size"] == 48 and planned.examples > 0, "at the trained root's size, trained"
+    assert not plain.hparams["arch"]["adapters"], "MUNET.md's root seed is unchanged"
+    with pytest.raises(ValueError, match="unknown plan 'middle:3'"):
+        cfg.replace(plan_root_seed="middle:3")
 
 
 def test_a_visit_seeds_from_at_most_seed_tasks_other_tasks_when_configured(two_tasks, tmp_path):
@@ -695,7 +717,7 @@ def test_a_baseline_plan_joined_by_plus_trains_the_union_of_its_parts(two_tasks)
     assert runs["bottom:12+adapters:32"] == runs["bottom:12"] + runs["adapters:32"] - runs["head"]
     assert 900_000 < runs["bottom:12"] < 1_000_000, "stem and blocks 0-11 of the Lite0 root: 0.92 M"
     with pytest.raises(ValueError, match="bottom:X"):
-        baselines.plan("middle:3", {"depth": 16})
+        search.plan("middle:3", {"depth": 16})
 
 
 def test_flops_factor_lowers_scores_below_accuracy_when_enabled(two_tasks):
