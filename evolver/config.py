@@ -103,11 +103,11 @@ class EvolverConfig:
     # The seeding phase also tries the root trained as this fixed plan (search.plan, e.g.
     # "bottom:12+adapters:32": the stem and blocks 0-11 cloned, an adapter beside every block,
     # the top blocks and neck shared), at trained_root_size. On EfficientNet-Lite0 the bottom
-    # twelve blocks hold 27% of the weights, and that plan's one run at half the quality
-    # budget tested 0.883 on gtsrb against full fine-tuning's 0.8705-0.879 and the adapters
-    # plan's 0.795 (benchmarks/HISTORY.md, "A fixed plan at under half the parameters"): a
-    # small base's lineage can start there instead of at a frozen or a whole trained root.
-    # None: MUNET.md's seeds.
+    # twelve blocks hold 27% of the weights, and one run of that plan per task averaged 0.899
+    # test on the quality benchmark's six tasks at 43% of fine-tuning's parameters per task,
+    # against fine-tuning's 0.896 and the adapters plan's 0.873 (benchmarks/HISTORY.md, "A
+    # fixed plan at under half the parameters"): a small base's lineage can start there
+    # instead of at a frozen or a whole trained root. None: MUNET.md's seeds.
     plan_root_seed: str | None = None
     # At most this many other tasks' live paths seed a visit, drawn by the visit's rng: with
     # few candidates per visit and many tasks, MUNET.md's every-task seeding fills a late
