@@ -38,21 +38,19 @@ def plan(kind: str, root_config: dict) -> tuple[set[str], dict[int, int]]:
         return set().union(*(t for t, _ in parts)), {i: w for _, a in parts for i, w in a.items()}
     depth = root_config["depth"]
     top = {"final_norm", "head"}
+    name, _, arg = kind.partition(":")
+    x = int(arg) if arg.isdigit() else None  # a malformed X falls through to the error below
     if kind == "full":
         return {"*"}, {}
     if kind == "head":
         return top, {}
-    if kind.startswith("freeze:"):
-        x = int(kind.split(":", 1)[1])
+    if name == "freeze" and x is not None:
         return top | {f"blocks.{i}" for i in range(x, depth)} | ({"neck"} if x < depth else set()), {}
-    if kind.startswith("adapters:"):
-        width = int(kind.split(":", 1)[1])
-        return top | {"adapter"}, {i: width for i in range(depth)}
-    if kind.startswith("top:"):  # the top X blocks and the head; the neck stays frozen
-        x = int(kind.split(":", 1)[1])
+    if name == "adapters" and x is not None:
+        return top | {"adapter"}, {i: x for i in range(depth)}
+    if name == "top" and x is not None:  # the top X blocks and the head; the neck stays frozen
         return top | {f"blocks.{i}" for i in range(depth - x, depth)}, {}
-    if kind.startswith("bottom:"):  # where a CNN keeps few weights (EfficientNet-Lite0: 27% below block 12)
-        x = int(kind.split(":", 1)[1])
+    if name == "bottom" and x is not None:  # where a CNN keeps few weights (EfficientNet-Lite0: 27% below block 12)
         return top | {"stem"} | {f"blocks.{i}" for i in range(x)}, {}
     raise ValueError(f"unknown plan {kind!r}: use full, head, freeze:X, top:X, bottom:X, adapters:W or several joined by +")
 

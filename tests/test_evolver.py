@@ -716,8 +716,9 @@ def test_a_baseline_plan_joined_by_plus_trains_the_union_of_its_parts(two_tasks)
             for k in ("head", "bottom:12", "adapters:32", "bottom:12+adapters:32")}
     assert runs["bottom:12+adapters:32"] == runs["bottom:12"] + runs["adapters:32"] - runs["head"]
     assert 900_000 < runs["bottom:12"] < 1_000_000, "stem and blocks 0-11 of the Lite0 root: 0.92 M"
-    with pytest.raises(ValueError, match="bottom:X"):
-        search.plan("middle:3", {"depth": 16})
+    for bad in ("middle:3", "bottom:x", "adapters"):
+        with pytest.raises(ValueError, match="bottom:X"):
+            search.plan(bad, {"depth": 16})
 
 
 def test_flops_factor_lowers_scores_below_accuracy_when_enabled(two_tasks):
