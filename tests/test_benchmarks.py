@@ -84,11 +84,12 @@ def test_an_option_added_off_or_a_setting_removed_leaves_the_committed_parts_set
     assert set(on) == set(quality.ADDED_OFF), "every added option has a value here that turns it on"
     for key, value in on.items():
         assert quality.config_digest(cpu_preset().replace(**{key: value})) != digest, f"{key} on is another setting"
-    # The committed six-task run with the plan seed (HISTORY.md, "The plan as a seed, base 0.9,
-    # all six tasks") is the cpu preset with that one option on, on every task.
+    # The committed six-task runs with the plan seed (HISTORY.md, "The plan as a seed, base 0.9,
+    # all six tasks" and "..., base 0.7") are the cpu preset with that one option on, on every task.
     seeded = quality.config_digest(cpu_preset().replace(plan_root_seed=on["plan_root_seed"]))
-    run = results / "quality_experiments" / "base-0.9-plan-seed-0bc3efd"
-    assert {json.loads(p.read_text())["config"] for p in run.glob("*.json")} == {seeded}
+    for name in ("base-0.9-plan-seed-0bc3efd", "base-0.7-plan-seed-355190c"):
+        run = results / "quality_experiments" / name
+        assert {json.loads(p.read_text())["config"] for p in run.glob("*.json")} == {seeded}, name
 
 
 def test_the_quality_report_names_munet_parts_that_ran_with_other_settings_than_its_command():
