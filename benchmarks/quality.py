@@ -77,7 +77,8 @@ def part_size(row: dict) -> int:
 # search as it ran before they existed: left out of the digest at that value, so adding an
 # option that is off does not mark every committed part as run with other settings.
 ADDED_OFF = {"continue_best": False, "final_holdout": 0.0, "final_top": 3, "adapter_root_seed": None, "line_soup": 0,
-             "greedy_soup": False, "median_stop": 0, "plan_root_seed": None}
+             "greedy_soup": False, "median_stop": 0, "plan_root_seed": None,
+             "root_shared": False}
 # Settings dropped from `EvolverConfig` since, with the value every committed part hashed:
 # `val_fraction` was never read (a task's split is on its row, storage.commit.default_val_fraction).
 REMOVED = {"val_fraction": 0.1}

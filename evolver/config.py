@@ -109,6 +109,16 @@ class EvolverConfig:
     # fixed plan at under half the parameters"): a small base's lineage can start there
     # instead of at a frozen or a whole trained root. None: MUNET.md's seeds.
     plan_root_seed: str | None = None
+    # The root's components are charged as if every task of the system shared them (at least
+    # |c| / tasks each), a public good already paid for, not to whichever live paths happen to
+    # use them. DESIGN.md counts the scored candidate as live, so a root block no live path uses
+    # costs its first user whole: in a round-robin the first tasks see no price for cloning the
+    # root away, and every later task the whole price of joining a root nobody uses. At base
+    # 0.7 with the plan seed no served path kept a single root component and four tasks built
+    # on the first two tasks' clones (benchmarks/HISTORY.md, "The plan as a seed, base 0.7").
+    # The system's parameters per task (unique parameters of the live paths / tasks) are
+    # counted as before. False: DESIGN.md's accounting.
+    root_shared: bool = False
     # At most this many other tasks' live paths seed a visit, drawn by the visit's rng: with
     # few candidates per visit and many tasks, MUNET.md's every-task seeding fills a late
     # task's first visit with seeds (six tasks, eight candidates: seven seeds) and leaves its

@@ -265,12 +265,14 @@ def select_parent(population: list[Member], seeds: list[Member], rng: random.Ran
     return rng.choice(seeds + population)
 
 
-def accounted_params(component_params: dict[str, int], users: dict[str, set[str]], task: str) -> float:
-    """Σ |c| / (tasks whose live path uses c), counting this task's candidate as live."""
+def accounted_params(component_params: dict[str, int], users: dict[str, set[str]], task: str,
+                     root_ids: frozenset[str] = frozenset(), tasks: int = 1) -> float:
+    """Σ |c| / (tasks whose live path uses c), counting this task's candidate as live; a
+    component in `root_ids` counts as shared by at least `tasks` (EvolverConfig.root_shared)."""
     total = 0.0
     for cid, n in component_params.items():
-        sharers = set(users.get(cid, ())) | {task}
-        total += n / len(sharers)
+        sharers = len(set(users.get(cid, ())) | {task})
+        total += n / (max(sharers, tasks) if cid in root_ids else sharers)
     return total
 
 

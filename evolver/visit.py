@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
-from sqlalchemy import select, update
+from sqlalchemy import func, select, update
 from torch import nn
 from tqdm import tqdm
 
@@ -120,6 +120,13 @@ class Visit:
             self.root_path_id = root.root_path_id
             self.live_id = task.live_path_id
             self.users = lineage.component_users(s)
+            self.root_ids: frozenset[str] = frozenset()
+            self.tasks = 1
+            if self.cfg.root_shared:
+                self.root_ids = frozenset(s.scalars(select(Component.id).where(
+                    Component.root_id == root.id, Component.task_id.is_(None))))
+                self.tasks = s.scalar(select(func.count()).select_from(Task).where(
+                    Task.root_id == root.id, Task.status != "deleted"))
             others = {n: p for n, p in lineage.live_paths(s).items() if n != self.task_name}
             tried = set(s.scalars(select(CandidateRow.parent_path_id).where(
                 CandidateRow.task_id == task.id, CandidateRow.outcome != "error")))
@@ -346,7 +353,7 @@ class Visit:
     def score_factor(self, slots: dict[str, Slot], image_size: int) -> tuple[float, float]:
         """The score per unit of validation accuracy, and the accounted parameters."""
         params = {s.id: models.count_params(s.module) for s in slots.values()}
-        accounted = search.accounted_params(params, self.users, self.task_name)
+        accounted = search.accounted_params(params, self.users, self.task_name, self.root_ids, self.tasks)
         flops = root_flops = None
         if self.cfg.flops_base != 1.0:  # µ2Net+ compute factor, against the root at the default size
             flops = count_flops([s.module for s in slots.values()], image_size, self.cfg.device)

@@ -80,7 +80,7 @@ def test_an_option_added_off_or_a_setting_removed_leaves_the_committed_parts_set
         assert older["config"] == before != digest
     assert not set(quality.REMOVED) & set(EvolverConfig.__dataclass_fields__), "REMOVED holds only dropped settings"
     on = {"continue_best": True, "final_holdout": 0.3, "final_top": 5, "adapter_root_seed": 32, "line_soup": 3,
-          "greedy_soup": True, "median_stop": 4, "plan_root_seed": "bottom:12+adapters:32"}
+          "greedy_soup": True, "median_stop": 4, "plan_root_seed": "bottom:12+adapters:32", "root_shared": True}
     assert set(on) == set(quality.ADDED_OFF), "every added option has a value here that turns it on"
     for key, value in on.items():
         assert quality.config_digest(cpu_preset().replace(**{key: value})) != digest, f"{key} on is another setting"

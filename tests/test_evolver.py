@@ -15,7 +15,7 @@ from munet.evolver.train import Candidate, PrefixCache, TaskData, logits, train_
 from munet.evolver.visit import Visit
 from munet.evolver.worker import claim, release
 from munet.storage.commit import LeaseLost, NewComponent, PathRecord, commit_path
-from munet.storage.schema import Candidate as CandidateRow, LiveHistory, PathRow, Root, Task
+from munet.storage.schema import Candidate as CandidateRow, Component, LiveHistory, PathComponent, PathRow, Root, Task
 
 from evolver_support import digits_npz, tiny_config
 
@@ -272,6 +272,20 @@ def test_the_seeding_phase_tries_the_root_trained_as_a_fixed_plan_when_configure
     assert not plain.hparams["arch"]["adapters"], "MUNET.md's root seed is unchanged"
     with pytest.raises(ValueError, match="unknown plan 'middle:3'"):
         cfg.replace(plan_root_seed="middle:3")
+
+
+def test_a_path_pays_a_share_of_the_root_components_by_the_task_count_when_root_shared(two_tasks):
+    Visit(two_tasks, "a", tiny_config(candidates=1, max_epochs=0.3, seed_tasks=0, root_shared=True), progress=False).run()
+    live_id = two_tasks.task_json("a")["live_path"]["id"]
+    with two_tasks.Session() as s:
+        live = s.get(PathRow, live_id)
+        parts = s.execute(select(Component.num_params, Component.task_id).join(
+            PathComponent, PathComponent.component_id == Component.id).where(PathComponent.path_id == live_id)).all()
+    root = sum(n for n, task in parts if task is None)
+    own = sum(n for n, task in parts if task is not None)
+    assert root > 0, "the live path references root components"
+    # Two tasks, no other live path: DESIGN.md would charge "a" its root components whole.
+    assert live.accounted_params == pytest.approx(root / 2 + own)
 
 
 def test_a_visit_seeds_from_at_most_seed_tasks_other_tasks_when_configured(two_tasks, tmp_path):

@@ -168,6 +168,18 @@ def test_accounted_params_divide_shared_components_among_live_users():
     assert search.accounted_params(params, users, "t1") == pytest.approx(50 + 40 + 10 + 7)
 
 
+def test_root_components_count_as_shared_by_every_task_when_root_shared():
+    users = {"root.a": {"t1"}, "root.b": set(), "own": {"t1"}}
+    params = {"root.a": 60, "root.b": 30, "own": 12, "new": 5}
+    root = frozenset({"root.a", "root.b"})
+    # Three tasks: a root component costs at most a third, whoever uses it; others as before.
+    assert search.accounted_params(params, users, "t1", root, 3) == pytest.approx(60 / 3 + 30 / 3 + 12 + 5)
+    # More live users than tasks counted: the live users' share, never a larger one.
+    assert search.accounted_params(params, {"root.a": {"t1", "t2", "t3", "t4"}}, "t1", root, 3) == pytest.approx(
+        60 / 4 + 30 / 3 + 12 + 5)
+    assert search.accounted_params(params, users, "t1") == pytest.approx(60 + 30 + 12 + 5), "off: DESIGN.md"
+
+
 def test_score_penalises_size_only_when_base_below_one():
     cfg = cpu_preset()
     assert search.score(0.8, 3e6, 3e6, cfg) == pytest.approx(0.8)
