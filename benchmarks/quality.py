@@ -331,7 +331,7 @@ def plot(rows: list[dict], path: Path) -> None:
     fig.savefig(path, dpi=120)
 
 
-def main() -> None:
+def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="two tasks, tiny budgets (CI: checks the pipeline only)")
     ap.add_argument("--tasks", nargs="+")
@@ -344,10 +344,15 @@ def main() -> None:
     ap.add_argument("--baseline-size", type=int, default=None,
                     help=f"image size of every baseline run (default {BASELINE_SIZE}; --quick: the preset's default)")
     ap.add_argument("--parts", type=Path, help=f"finished (method, task) results (default {PARTS.relative_to(RESULTS.parent.parent)})")
-    ap.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE",
+    # extend: a second --set adds to the first instead of silently replacing it.
+    ap.add_argument("--set", nargs="+", action="extend", default=[], metavar="KEY=VALUE",
                     help="evolver settings over the cpu preset, VALUE as JSON (e.g. final_holdout=0.5 seed=1): "
                          "an experiment's parts record them in their settings digest")
-    args = ap.parse_args()
+    return ap
+
+
+def main() -> None:
+    args = parser().parse_args()
     torch.set_num_threads(2)
     tasks = args.tasks or (["mnist", "notmnist"] if args.quick else TASKS)
     missing = [t for t in tasks if not (SHARED_DATA / f"{t}.npz").exists()]

@@ -109,7 +109,7 @@ def test_the_quality_report_names_munet_parts_that_ran_with_other_settings_than_
                                                    f"the settings of this command hash to {then}"]
 
 
-def test_quality_set_overrides_the_preset_and_rejects_unknown_or_invalid_settings():
+def test_quality_set_overrides_the_preset_adds_up_when_repeated_and_rejects_unknown_or_invalid_settings():
     quality = _script("quality")
     cfg = quality.preset_with(["final_holdout=0.5", "seed=3", "inputs_per=generation"])
     assert (cfg.final_holdout, cfg.seed, cfg.inputs_per) == (0.5, 3, "generation")
@@ -118,6 +118,8 @@ def test_quality_set_overrides_the_preset_and_rejects_unknown_or_invalid_setting
         with pytest.raises(SystemExit) as e:
             quality.preset_with(bad)
         assert str(e.value).startswith("quality: --set"), e.value
+    args = quality.parser().parse_args(["--set", "seed=3", "--only", "head only", "--set", "final_holdout=0.5"])
+    assert args.set == ["seed=3", "final_holdout=0.5"], "a repeated --set adds its settings, it drops none"
 
 
 @pytest.mark.slow
