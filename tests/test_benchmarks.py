@@ -90,6 +90,11 @@ def test_an_option_added_off_or_a_setting_removed_leaves_the_committed_parts_set
     for name in ("base-0.9-plan-seed-0bc3efd", "base-0.7-plan-seed-355190c"):
         run = results / "quality_experiments" / name
         assert {json.loads(p.read_text())["config"] for p in run.glob("*.json")} == {seeded}, name
+    # ..., and with the root charged as shared by every task ("The root charged as shared by every
+    # task, with the plan seed, base 0.7, all six tasks"): the two options on together.
+    shared = quality.config_digest(cpu_preset().replace(plan_root_seed=on["plan_root_seed"], root_shared=True))
+    run = results / "quality_experiments" / "base-0.7-plan-seed-root-shared-d824721"
+    assert {json.loads(p.read_text())["config"] for p in run.glob("*.json")} == {shared} != seeded
 
 
 def test_the_quality_report_names_munet_parts_that_ran_with_other_settings_than_its_command():
