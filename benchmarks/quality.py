@@ -48,6 +48,8 @@ BASELINES = {"full fine-tuning": "full", "head only": "head", "freeze bottom hal
 # Finished (method, task) results, committed with the repository: the full run takes longer
 # than one working session on 2 cores, so it resumes from here in a fresh checkout.
 PARTS = RESULTS / "quality_parts"
+# Every lever's run that did not replace the committed parts (benchmarks/HISTORY.md names each).
+EXPERIMENTS = RESULTS / "quality_experiments"
 # The baselines' fixed recipe trains at 96 px, not the cpu preset's default 64: full
 # fine-tuning at the per-run budget, one run each (benchmarks/image_size.py): gtsrb test
 # 0.879 at 96 px vs 0.837 at 64, cifar 0.837 vs 0.786. The issue wants the strongest fixed
@@ -297,7 +299,24 @@ def run_baselines(work: Path, parts: Path, label: str, kind: str, tasks: list[st
     return out
 
 
-def plot(rows: list[dict], path: Path) -> None:
+def experiment_points(folder: Path, tasks: list[str]) -> list[dict]:
+    """One point per experiment run of muNet that finished every task: its average test accuracy
+    at its parameters per task (the mean over its parts: a run made in pairs of tasks holds
+    three installations, each part carrying its own's)."""
+    points = []
+    for run in sorted(d for d in folder.iterdir() if d.is_dir()):
+        rows = {r["task"]: r for f in run.glob("*.json") if (r := json.loads(f.read_text())).get("method", "").startswith("muNet")}
+        if not set(tasks) <= set(rows):
+            continue
+        mine = [rows[t] for t in tasks]
+        points.append({"experiment": run.name, "method": mine[0]["method"],
+                       "params_per_task": statistics.mean(r["params_per_task"] for r in mine),
+                       "test_acc": statistics.mean(r["test_acc"] for r in mine),
+                       "val_acc": statistics.mean(r["val_acc"] for r in mine)})
+    return points
+
+
+def plot(rows: list[dict], path: Path, experiments: list[dict] = ()) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -321,6 +340,15 @@ def plot(rows: list[dict], path: Path) -> None:
         # (freeze bottom half beside base 1.0) do not overlap whichever of them is higher
         ax.annotate(method, (ppt, acc), textcoords="offset points", xytext=(-6 if star else 5, 4),
                     ha="right" if star else "left", fontsize=8)
+    if experiments:
+        ax.scatter([e["params_per_task"] / 1e6 for e in experiments], [e["test_acc"] for e in experiments], s=40,
+                   marker="*", facecolors="none", edgecolors="grey", linewidths=0.7, label="muNet experiments (hollow)")
+        # Name only the best runs inside the floor's size, the ones the floor is about.
+        half = points.get("full fine-tuning", (float("inf"),))[0] / 2
+        for e in sorted((e for e in experiments if e["params_per_task"] / 1e6 <= half), key=lambda e: -e["test_acc"])[:3]:
+            ax.annotate(e["experiment"], (e["params_per_task"] / 1e6, e["test_acc"]), textcoords="offset points",
+                        xytext=(4, -8), fontsize=6, color="dimgrey")
+        ax.legend(loc="lower right", fontsize=7)
     low, high = ax.get_xlim()
     ax.set_xlim(low, high + 0.2 * (high - low))  # room for the labels of the largest methods
     ax.set_xlabel("parameters per task (M): unique live parameters / tasks")
@@ -343,6 +371,9 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--work", type=Path, help="where installations of unfinished methods live (resumable within a session)")
     ap.add_argument("--baseline-size", type=int, default=None,
                     help=f"image size of every baseline run (default {BASELINE_SIZE}; --quick: the preset's default)")
+    ap.add_argument("--experiments", action="store_true",
+                    help=f"train nothing; also plot every six-task muNet run in {EXPERIMENTS.relative_to(RESULTS.parent.parent)} "
+                         "beside the committed methods, into quality_experiments.png/.json")
     ap.add_argument("--parts", type=Path, help=f"finished (method, task) results (default {PARTS.relative_to(RESULTS.parent.parent)})")
     # extend: a second --set adds to the first instead of silently replacing it.
     ap.add_argument("--set", nargs="+", action="extend", default=[], metavar="KEY=VALUE",
@@ -374,6 +405,8 @@ def main() -> None:
     unknown = set(args.only or ()) - set(methods)
     if unknown:
         sys.exit(f"quality: unknown methods {sorted(unknown)}; choose from {methods}")
+    if args.experiments:
+        args.only = []
     wanted = lambda m: args.only is None or m in args.only  # noqa: E731
     t0 = time.perf_counter()
     rows, skipped = [], []
@@ -394,6 +427,19 @@ def main() -> None:
         elif wanted(label):
             skipped.append(f"{label} (needs the budgets of muNet base {bases[0]} first)")
     report(rows, tasks, methods, name, args, time.perf_counter() - t0, skipped, stale_settings(rows, cfg))
+    if args.experiments:
+        report_experiments(rows, tasks, methods)
+
+
+def report_experiments(rows: list[dict], tasks: list[str], methods: list[str]) -> None:
+    points = experiment_points(EXPERIMENTS, tasks)
+    print(f"\nmuNet experiment runs that finished all {len(tasks)} tasks (benchmarks/HISTORY.md)\n")
+    print(table(sorted(points, key=lambda e: -e["test_acc"]), ["experiment", "method", "test_acc", "val_acc", "params_per_task"]))
+    finished = {m for m in methods if sum(r["method"] == m for r in rows) == len(tasks)}
+    png = RESULTS / "quality_experiments.png"
+    plot([r for r in rows if r["method"] in finished], png, points)
+    path = write("quality_experiments", {"tasks": tasks, "points": points, "plot": png.name})
+    print(f"\nwrote {path} and {png}")
 
 
 def line_examples(row: dict) -> int | None:

@@ -127,6 +127,28 @@ def test_quality_set_overrides_the_preset_adds_up_when_repeated_and_rejects_unkn
     assert args.set == ["seed=3", "final_holdout=0.5"], "a repeated --set adds its settings, it drops none"
 
 
+
+def test_quality_experiment_points_average_only_munet_runs_that_finished_every_task(tmp_path):
+    quality = _script("quality")
+
+    def part(run, method, task, acc, ppt):
+        (tmp_path / run).mkdir(exist_ok=True)
+        row = {"method": method, "task": task, "test_acc": acc, "val_acc": acc + 0.01, "params_per_task": ppt}
+        (tmp_path / run / f"{task}.json").write_text(json.dumps(row))
+
+    part("pairs", "muNet base 0.7", "mnist", 0.98, 1.0e6)  # two installations: their sizes average
+    part("pairs", "muNet base 0.7", "elpv", 0.70, 2.0e6)
+    part("half-done", "muNet base 1.0", "mnist", 0.99, 3.0e6)
+    part("baseline", "full fine-tuning", "mnist", 0.99, 3.4e6)
+    part("baseline", "full fine-tuning", "elpv", 0.75, 3.4e6)
+    points = quality.experiment_points(tmp_path, ["mnist", "elpv"])
+    assert [p["experiment"] for p in points] == ["pairs"]
+    assert points[0]["test_acc"] == pytest.approx(0.84) and points[0]["params_per_task"] == pytest.approx(1.5e6)
+    rows = [{"method": m, "task": t, "test_acc": 0.9, "params_per_task": 3.4e6 if m == "full fine-tuning" else 1e6}
+            for m in ("full fine-tuning", "muNet base 1.0") for t in ("mnist", "elpv")]
+    quality.plot(rows, tmp_path / "experiments.png", points)
+    assert (tmp_path / "experiments.png").stat().st_size > 0
+
 @pytest.mark.slow
 @pytest.mark.skipif(not (DATA / "elpv.npz").exists(), reason="the shared data sets are not on this machine")
 def test_step_time_times_every_trainer_arm_against_the_plain_timm_loop(monkeypatch):
