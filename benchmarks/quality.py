@@ -304,7 +304,7 @@ def experiment_points(folder: Path, tasks: list[str]) -> list[dict]:
     at its parameters per task (the mean over its parts: a run made in pairs of tasks holds
     three installations, each part carrying its own's)."""
     points = []
-    for run in sorted(d for d in folder.iterdir() if d.is_dir()):
+    for run in sorted(d for d in folder.iterdir() if d.is_dir()) if folder.is_dir() else ():
         rows = {r["task"]: r for f in run.glob("*.json") if (r := json.loads(f.read_text())).get("method", "").startswith("muNet")}
         if not set(tasks) <= set(rows):
             continue
@@ -406,6 +406,8 @@ def main() -> None:
     if unknown:
         sys.exit(f"quality: unknown methods {sorted(unknown)}; choose from {methods}")
     if args.experiments:
+        if args.only:
+            sys.exit("quality: --experiments trains nothing; run --only first, then --experiments")
         args.only = []
     wanted = lambda m: args.only is None or m in args.only  # noqa: E731
     t0 = time.perf_counter()

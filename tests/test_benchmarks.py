@@ -127,7 +127,6 @@ def test_quality_set_overrides_the_preset_adds_up_when_repeated_and_rejects_unkn
     assert args.set == ["seed=3", "final_holdout=0.5"], "a repeated --set adds its settings, it drops none"
 
 
-
 def test_quality_experiment_points_average_only_munet_runs_that_finished_every_task(tmp_path):
     quality = _script("quality")
 
