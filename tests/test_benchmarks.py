@@ -147,6 +147,8 @@ def test_quality_experiment_points_average_only_munet_runs_that_finished_every_t
             for m in ("full fine-tuning", "muNet base 1.0") for t in ("mnist", "elpv")]
     quality.plot(rows, tmp_path / "experiments.png", points)
     assert (tmp_path / "experiments.png").stat().st_size > 0
+    assert quality.experiment_points(tmp_path / "absent", ["mnist"]) == [], "no experiments folder, no points"
+
 
 @pytest.mark.slow
 @pytest.mark.skipif(not (DATA / "elpv.npz").exists(), reason="the shared data sets are not on this machine")
